@@ -1,0 +1,1 @@
+"""stagewise: pipeline-parallel training for PyTorch with DeepSpeed's pipe API."""

@@ -1,0 +1,117 @@
+"""The schedule base class: how a schedule names stages, chunks and buffers.
+
+A schedule is a pure generator: ``steps()`` yields, for one stage, a list of
+instructions per step. Iterating the schedule object itself yields the same
+steps (as DeepSpeed's ``PipeSchedule`` does).
+
+Model chunks. A schedule may place several chunks of the model on each stage
+(interleaved and V-shaped schedules). The layers are cut into
+``stages * num_chunks`` *virtual stages*; :meth:`PipeSchedule.virtual_stage`
+says which one chunk ``c`` of stage ``s`` holds, and :meth:`locate` inverts it.
+The default placement loops: stage ``s`` holds virtual stages
+``s, s + S, s + 2S, ...``; a V schedule overrides it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+
+from stagewise.schedule.instructions import PipeInstruction
+
+__all__ = ["PipeSchedule", "Step"]
+
+Step = list[PipeInstruction]
+
+
+class PipeSchedule(ABC):
+    """The steps one stage runs for one batch of ``micro_batches``.
+
+    Args:
+        micro_batches: micro-batches per batch (``gradient_accumulation_steps``).
+        stages: the number of pipeline stages (ranks along the pipe axis).
+        stage_id: the stage these steps are for, ``0 <= stage_id < stages``.
+    """
+
+    #: model chunks held by each stage (virtual stages per stage).
+    num_chunks: int = 1
+
+    def __init__(self, micro_batches: int, stages: int, stage_id: int) -> None:
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+        if stages < 1:
+            raise ValueError(f"stages must be >= 1, got {stages}")
+        if not 0 <= stage_id < stages:
+            raise ValueError(f"stage_id must be in [0, {stages}), got {stage_id}")
+        self.micro_batches = micro_batches
+        self.stages = stages
+        self.stage_id = stage_id
+        self.prev_stage = stage_id - 1
+        self.next_stage = stage_id + 1
+        self._it: Iterator[Step] | None = None
+
+    @abstractmethod
+    def steps(self) -> Iterator[Step]:
+        """Yield this stage's instructions, one list per step."""
+
+    def num_pipe_buffers(self) -> int:
+        """How many activation buffers this stage needs at once."""
+        return self.micro_batches
+
+    # -- placement of model chunks ------------------------------------------------
+    @property
+    def num_virtual_stages(self) -> int:
+        return self.stages * self.num_chunks
+
+    def virtual_stage(self, stage_id: int, chunk_id: int) -> int:
+        """The virtual stage (a cut of the layers) that ``chunk_id`` of ``stage_id`` holds."""
+        return chunk_id * self.stages + stage_id
+
+    def locate(self, virtual_stage: int) -> tuple[int, int]:
+        """``(stage_id, chunk_id)`` that holds ``virtual_stage``."""
+        return virtual_stage % self.stages, virtual_stage // self.stages
+
+    # -- DeepSpeed's helpers -----------------------------------------------------
+    def _valid_micro_batch(self, micro_batch_id: int) -> bool:
+        return 0 <= micro_batch_id < self.micro_batches
+
+    def _valid_stage(self, stage_id: int) -> bool:
+        return 0 <= stage_id < self.stages
+
+    def _buffer_idx(self, micro_batch_id: int) -> int:
+        return micro_batch_id % self.num_pipe_buffers()
+
+    @property
+    def stage(self) -> int:
+        return self.stage_id
+
+    @property
+    def num_stages(self) -> int:
+        return self.stages
+
+    @property
+    def num_micro_batches(self) -> int:
+        return self.micro_batches
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.stage_id == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage_id == self.stages - 1
+
+    def __iter__(self) -> PipeSchedule:
+        self._it = None
+        return self
+
+    def __next__(self) -> Step:
+        if self._it is None:
+            self._it = self.steps()
+        return next(self._it)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(micro_batches={self.micro_batches}, "
+            f"stages={self.stages}, stage_id={self.stage_id})"
+        )
