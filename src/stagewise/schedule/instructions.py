@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, slots=True)
 class PipeInstruction:
     """Base class of every instruction; subclasses set ``code``."""
 
@@ -68,28 +68,28 @@ class PipeInstruction:
         return self.code
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, slots=True)
 class OptimizerStep(PipeInstruction):
     """Step the optimizer (and the learning-rate scheduler)."""
 
     code: ClassVar[str] = "OPT"
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, slots=True)
 class ReduceGrads(PipeInstruction):
     """Average gradients over the data-parallel group."""
 
     code: ClassVar[str] = "RDG"
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, slots=True)
 class ReduceTiedGrads(PipeInstruction):
     """Sum the gradients of tied weights over the stages that share them."""
 
     code: ClassVar[str] = "RTG"
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, slots=True)
 class BufferOpInstruction(PipeInstruction):
     """An instruction that acts on one pipeline buffer (one micro-batch in flight).
 
@@ -118,63 +118,63 @@ class BufferOpInstruction(PipeInstruction):
         return text
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, slots=True)
 class LoadMicroBatch(BufferOpInstruction):
     """Read the next micro-batch: inputs on the first stage, labels on the last."""
 
     code: ClassVar[str] = "L"
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, slots=True)
 class ForwardPass(BufferOpInstruction):
     """Run this chunk's layers on the buffer's input (the last adds the loss)."""
 
     code: ClassVar[str] = "F"
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, slots=True)
 class BackwardPass(BufferOpInstruction):
     """The whole backward of one micro-batch: input and weight gradients."""
 
     code: ClassVar[str] = "B"
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, slots=True)
 class BackwardInputPass(BufferOpInstruction):
     """The input-gradient half of a split backward (zero-bubble schedules)."""
 
     code: ClassVar[str] = "I"
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, slots=True)
 class BackwardWeightPass(BufferOpInstruction):
     """The weight-gradient half of a split backward, run after its ``I``."""
 
     code: ClassVar[str] = "W"
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, slots=True)
 class SendActivation(BufferOpInstruction):
     """Send this chunk's forward output to the next virtual stage."""
 
     code: ClassVar[str] = "SA"
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, slots=True)
 class RecvActivation(BufferOpInstruction):
     """Receive this chunk's input from the previous virtual stage."""
 
     code: ClassVar[str] = "RA"
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, slots=True)
 class SendGrad(BufferOpInstruction):
     """Send the gradient of this chunk's input to the previous virtual stage."""
 
     code: ClassVar[str] = "SG"
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, slots=True)
 class RecvGrad(BufferOpInstruction):
     """Receive the gradient of this chunk's output from the next virtual stage."""
 
