@@ -1,1 +1,46 @@
-"""stagewise: pipeline-parallel training for PyTorch with DeepSpeed's pipe API."""
+"""stagewise: pipeline-parallel training for PyTorch with DeepSpeed's pipe API.
+
+Move a DeepSpeed pipeline script over by changing its imports::
+
+    import stagewise as deepspeed
+    from stagewise.pipe import PipelineModule, LayerSpec, TiedLayerSpec
+
+Nothing runs on import.
+"""
+
+from stagewise.config import Config
+from stagewise.engine import PipelineEngine
+from stagewise.errors import ConfigError, PeerError, PipelineError
+from stagewise.grid import PipelineParallelGrid
+from stagewise.module import PipelineModule
+from stagewise.partition import partition_balanced, partition_uniform
+from stagewise.runtime import RepeatingLoader, init_distributed, initialize
+from stagewise.spec import LayerSpec, TiedLayerSpec
+from stagewise.topology import (
+    PipeDataParallelTopology,
+    PipeModelDataParallelTopology,
+    ProcessTopology,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "LayerSpec",
+    "PeerError",
+    "PipeDataParallelTopology",
+    "PipeModelDataParallelTopology",
+    "PipelineEngine",
+    "PipelineError",
+    "PipelineModule",
+    "PipelineParallelGrid",
+    "ProcessTopology",
+    "RepeatingLoader",
+    "TiedLayerSpec",
+    "__version__",
+    "init_distributed",
+    "initialize",
+    "partition_balanced",
+    "partition_uniform",
+]

@@ -1,0 +1,7 @@
+"""``python -m stagewise``: the ``stagewise`` command."""
+
+import sys
+
+from stagewise.cli import main
+
+sys.exit(main())

@@ -1,0 +1,66 @@
+"""The ``stagewise`` command (also ``python -m stagewise``).
+
+Subcommands:
+
+* ``stagewise demo``: train the embedded GPT over pipeline stages on CPU;
+* ``stagewise simulate --schedule NAME --stages S --micro-batches M``: a schedule's
+  simulated timeline (makespan, bubble, peak activations; ``--png`` draws it);
+* ``stagewise export CKPT OUT``: one consolidated state dict from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+__all__ = ["main"]
+
+USAGE = """usage: stagewise {demo,simulate,export} [options]
+
+  demo       train a GPT over pipeline stages on CPU (spawns its own processes)
+  simulate   the simulated timeline of a schedule
+  export     a checkpoint as one consolidated state dict (or the reverse, --split)
+
+Run 'stagewise COMMAND --help' for a command's options."""
+
+
+def _demo(argv: list[str]) -> int:
+    from stagewise.demo import demo_main
+
+    return demo_main(argv)
+
+
+def _simulate(argv: list[str]) -> int:
+    from stagewise.simulate_cli import simulate_main
+
+    return simulate_main(argv)
+
+
+def _export(argv: list[str]) -> int:
+    from stagewise.checkpoint import export_main
+
+    return export_main(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "demo": _demo,
+    "simulate": _simulate,
+    "export": _export,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``stagewise`` command with ``argv`` (default: the process's arguments)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    command = COMMANDS.get(args[0])
+    if command is None:
+        print(f"stagewise: unknown command {args[0]!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return command(args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

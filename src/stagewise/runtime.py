@@ -1,0 +1,133 @@
+"""Entry points: set up torch.distributed, build an engine, repeat a loader."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from stagewise.config import Config
+from stagewise.engine import PipelineEngine
+from stagewise.module import PipelineModule
+
+__all__ = ["RepeatingLoader", "init_distributed", "initialize"]
+
+logger = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def init_distributed(
+    dist_backend: str | None = None,
+    timeout: datetime.timedelta = datetime.timedelta(minutes=30),
+    init_method: str | None = None,
+) -> None:
+    """Set up the default process group (once; later calls do nothing).
+
+    Under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` set)
+    it joins that job; without them it starts a single-process group on a free port,
+    so a script also runs as plain ``python script.py``.
+
+    Args:
+        dist_backend: ``"gloo"`` or ``"nccl"``; default NCCL when CUDA is there, else gloo.
+        timeout: the process group's timeout for collectives.
+        init_method: a URL for ``init_process_group`` (default: the environment).
+    """
+    if dist.is_initialized():
+        return
+    backend = dist_backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    env = os.environ
+    if init_method is None and not all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR")):
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        rank, world_size = 0, 1
+    else:
+        rank, world_size = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    if backend == "nccl":
+        local_rank = int(env.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(
+        backend=backend,
+        init_method=init_method or "env://",
+        rank=rank,
+        world_size=world_size,
+        timeout=timeout,
+    )
+    if rank == 0:
+        logger.info("stagewise: %s process group of %d ranks", backend, world_size)
+
+
+class RepeatingLoader:
+    """Wraps an iterable and restarts it when it is exhausted (DeepSpeed's RepeatingLoader)."""
+
+    def __init__(self, loader: Iterable[Any]) -> None:
+        self.loader = loader
+        self.data_iter = iter(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self.data_iter)
+        except StopIteration:
+            self.data_iter = iter(self.loader)
+            return next(self.data_iter)
+
+
+def initialize(
+    model: PipelineModule | None = None,
+    optimizer: Any = None,
+    model_parameters: Any = None,
+    config: dict[str, Any] | str | os.PathLike[str] | None = None,
+    lr_scheduler: Any = None,
+    training_data: Any = None,
+    collate_fn: Any = None,
+    args: Any = None,
+    config_params: dict[str, Any] | None = None,
+    mpu: Any = None,
+    dist_init_required: bool | None = None,
+) -> tuple[PipelineEngine, Any, Any, Any]:
+    """Build the pipeline engine, as ``deepspeed.initialize`` does.
+
+    Args:
+        model: the :class:`PipelineModule` to train.
+        optimizer: a ``torch.optim`` optimizer; default: the config's ``optimizer``.
+        model_parameters: the parameters for a config-built optimizer.
+        config: a dict or a path to a JSON file (``args.deepspeed_config`` and
+            ``config_params`` are accepted as in DeepSpeed).
+        lr_scheduler: a scheduler, or a callable ``optimizer -> scheduler``; default:
+            the config's ``scheduler``.
+        training_data: a ``torch.utils.data.Dataset`` to read micro-batches from.
+        collate_fn: for the DataLoader built over ``training_data``.
+
+    Returns:
+        ``(engine, optimizer, training_dataloader, lr_scheduler)``.
+    """
+    if model is None:
+        raise ValueError("stagewise.initialize needs model=<a PipelineModule>")
+    if config is None:
+        config = config_params
+    if config is None and args is not None:
+        config = getattr(args, "deepspeed_config", None) or getattr(args, "stagewise_config", None)
+    if not dist.is_initialized():
+        init_distributed()
+    engine = PipelineEngine(
+        module=model,
+        config=Config.from_any(config),
+        optimizer=optimizer,
+        model_parameters=model_parameters,
+        lr_scheduler=lr_scheduler,
+        training_data=training_data,
+        collate_fn=collate_fn,
+    )
+    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler

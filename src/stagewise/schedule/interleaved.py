@@ -1,0 +1,120 @@
+"""Megatron's interleaved 1F1B: several model chunks per stage, looped.
+
+The layers are cut into ``stages × virtual_stages`` virtual stages, and stage ``s``
+holds virtual stages ``s, s + S, s + 2S, ...`` (chunk ``c`` is virtual stage
+``c·S + s``), so a micro-batch passes every stage ``virtual_stages`` times. Each
+stage runs its passes in *groups* of ``S`` micro-batches: forward micro-batches
+``0..S-1`` on chunk 0, then the same on chunk 1, and so on, then the next group;
+backwards go the same way with the chunks reversed. A stage first runs a warm-up of
+forwards, then alternates one forward and one backward, then drains the backwards.
+
+The bubble shrinks by the number of chunks, ``(S - 1) / (V·M + S - 1)`` of the
+time with a backward twice a forward, for more transfers (``V`` times as many)
+and a little more activation memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from stagewise.schedule.gpipe import Pass, PassOrderSchedule
+
+__all__ = ["InterleavedSchedule"]
+
+
+class InterleavedSchedule(PassOrderSchedule):
+    """Interleaved 1F1B (Megatron-LM) with ``virtual_stages`` chunks per stage.
+
+    Args:
+        micro_batches: micro-batches per batch; any count (Megatron needs a
+            multiple of ``stages``).
+        stages: pipeline stages.
+        stage_id: this stage.
+        virtual_stages: model chunks per stage (``pipeline.virtual_stages``), >= 1;
+            with 1 the passes run in 1F1B's order.
+
+    Stage ``s`` warms up with ``2 (S - 1 - s) + (V - 1) S`` forwards (all of them if
+    the batch is smaller). For ``S = 2``, ``V = 2``, ``M = 4`` (``a`` marks chunk 1; a
+    column is one chunk's forward, a backward goes on in its ``-`` column)::
+
+        time     0   1   2   3   4   5   6   7   8   9   10  11  12  13  14  15  16  17  18  19  20  21  22  23  24  25  26
+        stage 0  F0  F1  F0a F1a F2  .   B0a -   F3  B1a -   F2a B0  -   F3a B1  -   .   B2a -   .   B3a -   B2  -   B3  -
+        stage 1  .   F0  F1  F0a B0a -   F1a B1a -   F2  B0  -   F3  B1  -   F2a B2a -   F3a B3a -   B2  -   B3  -   .   .
+
+    Megatron needs ``M`` to be a multiple of ``S``. Here any ``M`` works: the order
+    is built for ``M`` rounded up to a multiple of ``S`` and the passes of the
+    padding micro-batches are left out. Leaving passes out of a deadlock-free order
+    keeps it deadlock-free (every remaining dependency was already there), so the
+    shorter batch is as safe as Megatron's; it idles where the padding would have
+    run.
+    """
+
+    def __init__(
+        self, micro_batches: int, stages: int, stage_id: int, *, virtual_stages: int = 2
+    ) -> None:
+        if not isinstance(virtual_stages, int) or virtual_stages < 1:
+            raise ValueError(
+                f"virtual_stages must be an integer >= 1 (model chunks per stage), "
+                f"got {virtual_stages!r}"
+            )
+        self.num_chunks = virtual_stages
+        super().__init__(micro_batches, stages, stage_id)
+
+    @property
+    def virtual_stages(self) -> int:
+        """Model chunks per stage."""
+        return self.num_chunks
+
+    @property
+    def padded_micro_batches(self) -> int:
+        """``micro_batches`` rounded up to a multiple of ``stages``."""
+        return -(-self.micro_batches // self.stages) * self.stages
+
+    def _table(self, backward: bool) -> list[tuple[int, int]]:
+        """``(micro-batch, chunk)`` in the order every stage forwards (or backwards)
+        them, over the padded batch: groups of ``S`` micro-batches, chunk by chunk."""
+        stages, chunks = self.stages, self.num_chunks
+        order: list[tuple[int, int]] = []
+        for first in range(0, self.padded_micro_batches, stages):
+            for c in range(chunks):
+                chunk = chunks - 1 - c if backward else c
+                order.extend((mb, chunk) for mb in range(first, first + stages))
+        return order
+
+    def warmup(self, stage_id: int) -> int:
+        """Forwards (of the padded batch) that ``stage_id`` runs before its first backward.
+
+        ``2 (S - 1 - s) + (V - 1) S``, as Megatron; with one chunk, 1F1B's ``S - 1 - s``.
+        """
+        total = self.padded_micro_batches * self.num_chunks
+        if self.num_chunks == 1:
+            return min(self.stages - 1 - stage_id, total)
+        return min(2 * (self.stages - 1 - stage_id) + (self.num_chunks - 1) * self.stages, total)
+
+    def pass_order(self, stage_id: int) -> Iterator[Pass]:
+        """Warm-up forwards, then one forward and one backward, then the backwards.
+
+        The order is built for the padded batch, then the passes of the padding
+        micro-batches (``>= micro_batches``) are left out.
+        """
+        yield from (p for p in self._padded_order(stage_id) if p.micro_batch < self.micro_batches)
+
+    def _padded_order(self, stage_id: int) -> Iterator[Pass]:
+        forwards, backwards = self._table(backward=False), self._table(backward=True)
+        total, warmup = len(forwards), self.warmup(stage_id)
+        for mb, chunk in forwards[:warmup]:
+            yield Pass("F", mb, chunk)
+        for (f_mb, f_chunk), (b_mb, b_chunk) in zip(
+            forwards[warmup:], backwards[: total - warmup], strict=True
+        ):
+            yield Pass("F", f_mb, f_chunk)
+            yield Pass("B", b_mb, b_chunk)
+        for mb, chunk in backwards[total - warmup :]:
+            yield Pass("B", mb, chunk)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(micro_batches={self.micro_batches}, "
+            f"stages={self.stages}, stage_id={self.stage_id}, "
+            f"virtual_stages={self.num_chunks})"
+        )

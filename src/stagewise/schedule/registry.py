@@ -1,0 +1,128 @@
+"""Schedules by name, as the config's ``pipeline.schedule`` names them.
+
+* ``"1f1b"`` (the default): :class:`~stagewise.schedule.deepspeed.TrainSchedule`,
+  DeepSpeed's synchronous 1F1B;
+* ``"gpipe"``: :class:`~stagewise.schedule.gpipe.GPipeSchedule`;
+* ``"interleaved"``: :class:`~stagewise.schedule.interleaved.InterleavedSchedule`,
+  ``virtual_stages`` chunks per stage (default 2, ``pipeline.virtual_stages``);
+* ``"zb-h1"``: :class:`~stagewise.schedule.zero_bubble.ZeroBubbleH1Schedule`;
+* ``"zbv"``: :class:`~stagewise.schedule.zero_bubble.ZBVSchedule`, 2 chunks per
+  stage in a V.
+
+Names are case-insensitive and ``_`` may stand for ``-``.
+
+>>> make_schedule("zbv", micro_batches=8, stages=4, stage_id=0).num_chunks
+2
+>>> get_schedule_class("1F1B").__name__
+'TrainSchedule'
+"""
+
+from __future__ import annotations
+
+import functools
+
+from stagewise.schedule.base import PipeSchedule
+from stagewise.schedule.check import ScheduleFactory
+from stagewise.schedule.deepspeed import TrainSchedule
+from stagewise.schedule.gpipe import GPipeSchedule
+from stagewise.schedule.interleaved import InterleavedSchedule
+from stagewise.schedule.zero_bubble import ZBVSchedule, ZeroBubbleH1Schedule
+
+__all__ = [
+    "DEFAULT_SCHEDULE",
+    "SCHEDULES",
+    "get_schedule_class",
+    "make_schedule",
+    "schedule_factory",
+    "schedule_names",
+]
+
+#: the schedule a config without ``pipeline.schedule`` runs.
+DEFAULT_SCHEDULE = "1f1b"
+
+#: name -> training schedule class.
+SCHEDULES: dict[str, type[PipeSchedule]] = {
+    "1f1b": TrainSchedule,
+    "gpipe": GPipeSchedule,
+    "interleaved": InterleavedSchedule,
+    "zb-h1": ZeroBubbleH1Schedule,
+    "zbv": ZBVSchedule,
+}
+
+#: chunks per stage of the schedules whose count is fixed.
+_FIXED_CHUNKS = {"1f1b": 1, "gpipe": 1, "zb-h1": 1, "zbv": 2}
+
+
+def schedule_names() -> list[str]:
+    """The valid schedule names, in the order of the table above."""
+    return list(SCHEDULES)
+
+
+def _canonical(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(
+            f"a schedule name must be a string, got {type(name).__name__} {name!r}; "
+            f"valid names: {', '.join(SCHEDULES)}"
+        )
+    key = name.strip().lower().replace("_", "-")
+    if key not in SCHEDULES:
+        raise ValueError(
+            f"unknown pipeline schedule {name!r}: valid names are {', '.join(SCHEDULES)}"
+        )
+    return key
+
+
+def get_schedule_class(name: str) -> type[PipeSchedule]:
+    """The schedule class for ``name`` (case-insensitive, ``_`` for ``-`` allowed).
+
+    Raises:
+        ValueError: ``name`` is not a schedule; the message lists the valid names.
+    """
+    return SCHEDULES[_canonical(name)]
+
+
+def schedule_factory(name: str, virtual_stages: int | None = None) -> ScheduleFactory:
+    """A callable ``(micro_batches, stages, stage_id) -> PipeSchedule`` for ``name``.
+
+    ``virtual_stages`` sets the chunks per stage of ``"interleaved"`` (default 2);
+    for the other schedules it may only repeat their fixed count (1, or 2 for
+    ``"zbv"``). The factory is what :func:`~stagewise.schedule.check.check_schedule`
+    and :func:`~stagewise.schedule.simulate.simulate` take.
+
+    Raises:
+        ValueError: an unknown name, or a ``virtual_stages`` the schedule cannot run.
+    """
+    key = _canonical(name)
+    cls = SCHEDULES[key]
+    if key == "interleaved":
+        chunks = 2 if virtual_stages is None else virtual_stages
+        if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+            raise ValueError(
+                f"virtual_stages must be an integer >= 1 for the interleaved schedule, "
+                f"got {virtual_stages!r}"
+            )
+        return functools.partial(InterleavedSchedule, virtual_stages=chunks)
+    fixed = _FIXED_CHUNKS[key]
+    if virtual_stages is not None and virtual_stages != fixed:
+        raise ValueError(
+            f"schedule {key!r} runs {fixed} chunk(s) per stage, got virtual_stages="
+            f"{virtual_stages}: leave virtual_stages unset, or use 'interleaved' to "
+            f"choose the number of chunks"
+        )
+    return cls
+
+
+def make_schedule(
+    name: str,
+    micro_batches: int,
+    stages: int,
+    stage_id: int,
+    virtual_stages: int | None = None,
+) -> PipeSchedule:
+    """Build the schedule ``name`` for one stage (see :func:`schedule_factory`).
+
+    Raises:
+        ValueError: an unknown name, a ``virtual_stages`` the schedule cannot run,
+            or sizes the schedule rejects.
+    """
+    return schedule_factory(name, virtual_stages)(micro_batches, stages, stage_id)
