@@ -10,7 +10,7 @@ Nothing runs on import.
 
 from stagewise.config import Config
 from stagewise.engine import PipelineEngine
-from stagewise.errors import ConfigError, PeerError, PipelineError
+from stagewise.errors import CheckpointError, ConfigError, PeerError, PipelineError
 from stagewise.grid import PipelineParallelGrid
 from stagewise.module import PipelineModule
 from stagewise.partition import partition_balanced, partition_uniform
@@ -25,6 +25,7 @@ from stagewise.topology import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "Config",
     "ConfigError",
     "LayerSpec",

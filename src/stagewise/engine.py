@@ -135,6 +135,19 @@ class _LossScaler:
         self._hysteresis_left = cfg.hysteresis
         self._good_steps = 0
 
+    def state_dict(self) -> dict[str, Any]:
+        """The dynamic part of the scaler (its settings come from the config)."""
+        return {
+            "scale": self.scale,
+            "good_steps": self._good_steps,
+            "hysteresis_left": self._hysteresis_left,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scale = float(state["scale"])
+        self._good_steps = int(state["good_steps"])
+        self._hysteresis_left = int(state["hysteresis_left"])
+
     def update(self, overflow: bool) -> None:
         if not self.dynamic:
             return

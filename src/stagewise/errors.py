@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "PeerError", "PipelineError"]
+__all__ = ["CheckpointError", "ConfigError", "PeerError", "PipelineError"]
 
 
 class PipelineError(RuntimeError):
@@ -15,3 +15,7 @@ class ConfigError(ValueError):
 
 class PeerError(PipelineError):
     """Another rank died, closed its connection or did not answer in time."""
+
+
+class CheckpointError(PipelineError):
+    """A checkpoint is missing, incomplete, torn or does not fit the model being loaded."""

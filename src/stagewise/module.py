@@ -439,6 +439,11 @@ class PipelineModule(nn.Module):
         return self.virtual_stage(self.stage_id, chunk_id) == 0
 
     # -- DeepSpeed's accessors -----------------------------------------------------------
+    @property
+    def layer_specs(self) -> list[Any]:
+        """Every layer of the model as given (specs, modules, callables), in order."""
+        return list(self._layer_specs)
+
     def partitions(self) -> list[int]:
         """The layer boundaries of every part (stage, or virtual stage with chunks)."""
         return list(self.parts)
