@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import functools
 import logging
-import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -28,21 +26,14 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 from stagewise.dist_utils import default_device, require_dist
 from stagewise.grid import PipelineParallelGrid
 from stagewise.partition import PartitionMethod, compute_boundaries
-from stagewise.spec import LayerSpec, TiedLayerSpec, get_attr_path
+from stagewise.spec import LayerSpec, TiedLayerSpec, get_attr_path, seed_everything
 from stagewise.topology import PipeDataParallelTopology, ProcessTopology
 
-__all__ = ["PipelineModule", "default_seed_fn", "non_reentrant_checkpoint"]
+__all__ = ["PipelineModule", "non_reentrant_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
 PLACEMENTS = ("loop", "v")
-
-
-def default_seed_fn(seed: int) -> None:
-    """Seed Python, NumPy and torch with ``seed`` (DeepSpeed's ``set_random_seed``)."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed % (2**63))
 
 
 def non_reentrant_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
@@ -315,7 +306,7 @@ class PipelineModule(nn.Module):
         for idx in range(start, stop):
             layer = self._layer_specs[idx]
             if self.seed_layers:
-                (self.seed_fn or default_seed_fn)(self.base_seed + idx)
+                (self.seed_fn or seed_everything)(self.base_seed + idx)
             func = self._make_func(idx, layer, tied)
             if isinstance(layer, TiedLayerSpec):
                 if layer.key not in self.tied_modules:

@@ -14,12 +14,26 @@ torch.Size([2, 4])
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
 
-__all__ = ["LayerSpec", "TiedLayerSpec", "call_to_str"]
+__all__ = ["LayerSpec", "TiedLayerSpec", "call_to_str", "seed_everything"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch with ``seed`` (DeepSpeed's ``set_random_seed``).
+
+    ``PipelineModule(seed_layers=True)`` calls it with ``base_seed + i`` right before
+    building layer ``i``, so each layer's weights depend on its index alone.
+    """
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed % (2**63))
 
 
 def call_to_str(name: str, *args: Any, **kwargs: Any) -> str:
