@@ -25,8 +25,9 @@ from stagewise.schedule import gpipe as gpipe_module
 from stagewise.schedule import interleaved as interleaved_module
 from stagewise.schedule import registry as registry_module
 from stagewise.schedule import zero_bubble as zero_bubble_module
-from stagewise.schedule.gpipe import GPipeSchedule, Pass, PassOrderSchedule
+from stagewise.schedule.gpipe import GPipeSchedule
 from stagewise.schedule.interleaved import InterleavedSchedule
+from stagewise.schedule.order import Pass, PassOrderSchedule
 from stagewise.schedule.registry import (
     get_schedule_class,
     make_schedule,

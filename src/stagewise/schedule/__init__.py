@@ -19,7 +19,9 @@ from stagewise.schedule.check import (
     format_grid,
     schedule_table,
 )
+from stagewise.schedule.chunked_inference import ChunkedInferenceSchedule
 from stagewise.schedule.deepspeed import DataParallelSchedule, InferenceSchedule, TrainSchedule
+from stagewise.schedule.gpipe import GPipeSchedule
 from stagewise.schedule.instructions import (
     BackwardInputPass,
     BackwardPass,
@@ -37,17 +39,33 @@ from stagewise.schedule.instructions import (
     SendGrad,
     parse_instruction,
 )
+from stagewise.schedule.interleaved import InterleavedSchedule
+from stagewise.schedule.order import Pass, PassOrderSchedule
+from stagewise.schedule.registry import (
+    get_schedule_class,
+    make_schedule,
+    schedule_factory,
+    schedule_names,
+)
+from stagewise.schedule.simulate import Costs, SimResult, simulate
+from stagewise.schedule.zero_bubble import ZBVSchedule, ZeroBubbleH1Schedule
 
 __all__ = [
     "BackwardInputPass",
     "BackwardPass",
     "BackwardWeightPass",
     "BufferOpInstruction",
+    "ChunkedInferenceSchedule",
+    "Costs",
     "DataParallelSchedule",
     "ForwardPass",
+    "GPipeSchedule",
     "InferenceSchedule",
+    "InterleavedSchedule",
     "LoadMicroBatch",
     "OptimizerStep",
+    "Pass",
+    "PassOrderSchedule",
     "PipeInstruction",
     "PipeSchedule",
     "Position",
@@ -59,13 +77,21 @@ __all__ = [
     "ScheduleFactory",
     "SendActivation",
     "SendGrad",
+    "SimResult",
     "Step",
     "Table",
     "TableLike",
     "TrainSchedule",
+    "ZBVSchedule",
+    "ZeroBubbleH1Schedule",
     "check_schedule",
     "check_table",
     "format_grid",
+    "get_schedule_class",
+    "make_schedule",
     "parse_instruction",
+    "schedule_factory",
+    "schedule_names",
     "schedule_table",
+    "simulate",
 ]

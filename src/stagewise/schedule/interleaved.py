@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from stagewise.schedule.gpipe import Pass, PassOrderSchedule
+from stagewise.schedule.order import Pass, PassOrderSchedule
 
 __all__ = ["InterleavedSchedule"]
 

@@ -45,8 +45,8 @@ from typing import Any
 
 from stagewise.schedule.base import PipeSchedule
 from stagewise.schedule.check import Position, ScheduleError, ScheduleFactory
-from stagewise.schedule.gpipe import gc_paused
 from stagewise.schedule.instructions import PipeInstruction
+from stagewise.schedule.order import gc_paused
 from stagewise.schedule.render import TimelineEvent
 
 __all__ = ["Costs", "SimResult", "simulate"]

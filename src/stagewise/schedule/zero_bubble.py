@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from stagewise.schedule.gpipe import Pass, PassOrderSchedule
+from stagewise.schedule.order import Pass, PassOrderSchedule
 
 __all__ = ["ZBVSchedule", "ZeroBubbleH1Schedule"]
 
