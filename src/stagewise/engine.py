@@ -261,15 +261,12 @@ class PipelineEngine:
             ReduceGrads: self._exec_reduce_grads,
             OptimizerStep: self._exec_optimizer_step,
         }
-        # Schedules that split the backward defer linear layers' weight gradients (fp32 only).
+        # Linear layers accumulate weight gradients in one GEMM, and schedules that split the
+        # backward defer them to W (fp32 only, without activation checkpointing; otherwise
+        # autograd's own weight gradients run inside I and W has nothing to do).
         self._weight_store = WeightGradStore()
-        self._split_backward = any(
-            isinstance(instr, BackwardInputPass) for step in self._probe.steps() for instr in step
-        )
         self._defer_mode = (
-            DeferLinearWeightGrads(self._weight_store)
-            if self._split_backward and not (self.bf16 or self.fp16)
-            else None
+            DeferLinearWeightGrads(self._weight_store) if not (self.bf16 or self.fp16) else None
         )
         self._training = True
         self._compute_loss = True
@@ -594,8 +591,16 @@ class PipelineEngine:
             self._buffers.labels[key] = _to_device(batch[1], self.device)
 
     def _deferring(self) -> contextlib.AbstractContextManager[Any]:
-        """Defer weight gradients of linear layers (split-backward schedules, training)."""
-        if self._defer_mode is not None and self._training:
+        """Linear layers' weight gradients through the store (training only).
+
+        Not with activation checkpointing: torch's checkpoint recomputes without the
+        function mode, so the recomputed graph would differ from the saved one.
+        """
+        if (
+            self._defer_mode is not None
+            and self._training
+            and self.module.activation_checkpoint_interval == 0
+        ):
             return self._defer_mode
         return contextlib.nullcontext()
 
@@ -683,7 +688,8 @@ class PipelineEngine:
         roots, root_grads = self._backward_roots(key)
         inputs = self._grad_inputs(key)
         if roots:
-            torch.autograd.backward(roots, root_grads or None)
+            with self._deferring():
+                torch.autograd.backward(roots, root_grads or None)
         self._store_input_grads(key, [t.grad for t in inputs])
 
     def _exec_backward_input_pass(self, instr: BufferOpInstruction) -> None:
