@@ -162,6 +162,8 @@ def decode_meta(encoded: torch.Tensor) -> tuple[TensorMeta, ...]:
 class _Channel:
     metas: tuple[TensorMeta, ...] | None = None
     local: deque[list[torch.Tensor]] = field(default_factory=deque)
+    # A receive posted ahead of its instruction: (work, buffer, the layout it will hold).
+    posted: tuple[Any, torch.Tensor, tuple[TensorMeta, ...]] | None = None
 
 
 class P2PChannels:
@@ -257,15 +259,44 @@ class P2PChannels:
                 )
             return [t.clone() for t in mine.local.popleft()]
         what = "receiving activations from"
-        if channel.metas is None:
-            channel.metas = self._recv_meta(src, tag, what)
-        flat = torch.empty(payload_size(channel.metas), dtype=torch.uint8, device=self.device)
-        self._recv(flat, src, tag, what)
-        if int(flat[:_HEADER].view(torch.int64).item()) == _FLAG_META_FOLLOWS:
-            channel.metas = self._recv_meta(src, tag, what)
-            flat = torch.empty(payload_size(channel.metas), dtype=torch.uint8, device=self.device)
+        if channel.posted is not None:
+            work, flat, metas = channel.posted
+            channel.posted = None
+            self._wait(work, src, what)
+        else:
+            metas = channel.metas if channel.metas is not None else self._recv_meta(src, tag, what)
+            flat = torch.empty(payload_size(metas), dtype=torch.uint8, device=self.device)
             self._recv(flat, src, tag, what)
-        return unpack(flat, channel.metas)
+        if int(flat[:_HEADER].view(torch.int64).item()) == _FLAG_META_FOLLOWS:
+            metas = self._recv_meta(src, tag, what)
+            flat = torch.empty(payload_size(metas), dtype=torch.uint8, device=self.device)
+            self._recv(flat, src, tag, what)
+        channel.metas = metas
+        return unpack(flat, metas)
+
+    def post_recv_tensors(self, src: int, tag: int) -> None:
+        """Post the next activation receive of a channel ahead of its instruction.
+
+        The data then lands as soon as it is sent, instead of waiting for the receive
+        (gloo moves a message only once its receive is posted). At most one receive
+        per channel is posted ahead, of the last known size: when the shapes change,
+        the sender's "metadata follows" message has that size, and the rest is read
+        after it.
+        """
+        channel = self._channel("recv", src, tag)
+        if src == self.rank or channel.metas is None or channel.posted is not None:
+            return
+        flat = torch.empty(payload_size(channel.metas), dtype=torch.uint8, device=self.device)
+        channel.posted = (dist.irecv(flat, src=src, tag=tag), flat, channel.metas)
+
+    def post_recv_grads(self, like: Sequence[torch.Tensor], src: int, tag: int) -> None:
+        """Post the next gradient receive of a channel (shaped like ``like``) ahead of time."""
+        channel = self._channel("grad", src, tag)
+        if src == self.rank or not like or channel.posted is not None:
+            return
+        metas = metas_of(like)
+        flat = torch.empty(payload_size(metas, header=0), dtype=torch.uint8, device=self.device)
+        channel.posted = (dist.irecv(flat, src=src, tag=tag), flat, metas)
 
     def _recv_meta(self, src: int, tag: int, what: str) -> tuple[TensorMeta, ...]:
         encoded = torch.empty(_META_LEN, dtype=torch.int64, device=self.device)
@@ -293,12 +324,20 @@ class P2PChannels:
             return list(mine.local.popleft())
         if not like:
             return []
+        what = "receiving gradients from"
+        channel = self._channel("grad", src, tag)
+        if channel.posted is not None:
+            work, flat, metas = channel.posted
+            channel.posted = None
+            if metas != metas_of(like):
+                raise PeerError(
+                    f"{self.describe(self.rank)}: a gradient receive was posted for shapes "
+                    f"{[m.shape for m in metas]} but {[t.shape for t in like]} are expected; "
+                    "gradients must come back in the order the schedule planned"
+                )
+            self._wait(work, src, what)
+            return unpack(flat, metas, header=False)
         metas = metas_of(like)
         flat = torch.empty(payload_size(metas, header=0), dtype=torch.uint8, device=self.device)
-        self._recv(flat, src, tag, "receiving gradients from")
+        self._recv(flat, src, tag, what)
         return unpack(flat, metas, header=False)
-
-    def reset_shapes(self) -> None:
-        """Forget learned shapes (DeepSpeed's ``reset_activation_shape``); both sides must call it."""
-        for channel in self._channels.values():
-            channel.metas = None

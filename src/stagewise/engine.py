@@ -23,6 +23,7 @@ import datetime
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,22 @@ class _Buffers:
     output_grads: dict[Key, list[torch.Tensor]] = field(default_factory=dict)
     input_grads: dict[Key, list[torch.Tensor]] = field(default_factory=dict)
     batches: dict[int, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _ReceivePlan:
+    """The receives of one batch per channel, in schedule order, to post them early.
+
+    gloo moves a message only once its receive is posted, so a receive posted when
+    its instruction runs costs a round trip to the sender's (busy) process. The plan
+    lets the engine post each channel's next receive as soon as it is known: an
+    activation receive right after the previous one on its channel, a gradient receive
+    once the forward whose output it belongs to has run.
+    """
+
+    activations: dict[tuple[int, int], int] = field(default_factory=dict)
+    grads: dict[tuple[int, int], deque[Key]] = field(default_factory=dict)
+    grad_posted: dict[tuple[int, int], Key] = field(default_factory=dict)
 
 
 def _as_tuple(value: Any) -> tuple[Any, ...]:
@@ -247,6 +264,7 @@ class PipelineEngine:
             self.global_rank, self.device, config.pipeline.timeout_s, describe=self._describe_rank
         )
         self._buffers = _Buffers()
+        self._plan = _ReceivePlan()
         self._handlers: dict[type[PipeInstruction], Callable[[Any], None]] = {
             LoadMicroBatch: self._exec_load_micro_batch,
             ForwardPass: self._exec_forward_pass,
@@ -504,8 +522,12 @@ class PipelineEngine:
         recording = self.record_timeline and self._training  # the last training batch's
         if recording:
             self.timeline = []
+        steps = list(schedule.steps())
+        self._plan = self._plan_receives(steps)
+        for channel in self._plan.activations:
+            self.p2p.post_recv_tensors(*channel)
         handlers = self._handlers
-        for step in schedule.steps():
+        for step in steps:
             for instruction in step:
                 handler = handlers.get(type(instruction))
                 if handler is None:
@@ -530,6 +552,44 @@ class PipelineEngine:
             f"no handler for instruction {instruction!r} ({type(instruction).__name__}); "
             f"the engine executes {sorted(c.__name__ for c in self._handlers)}"
         )
+
+    def _plan_receives(self, steps: list[list[PipeInstruction]]) -> _ReceivePlan:
+        plan = _ReceivePlan()
+        for step in steps:
+            for instr in step:
+                if isinstance(instr, RecvActivation):
+                    channel = self._activation_channel(instr.chunk_id)
+                    plan.activations[channel] = plan.activations.get(channel, 0) + 1
+                elif isinstance(instr, RecvGrad):
+                    channel = self._grad_channel(instr.chunk_id)
+                    plan.grads.setdefault(channel, deque()).append(
+                        (instr.chunk_id, instr.buffer_id)
+                    )
+        return plan
+
+    def _activation_channel(self, chunk: int) -> tuple[int, int]:
+        """``(source rank, tag)`` of the activations this chunk receives."""
+        virtual = self._virtual(chunk)
+        return self._rank_of_virtual(virtual - 1), 2 * (virtual - 1)
+
+    def _grad_channel(self, chunk: int) -> tuple[int, int]:
+        """``(source rank, tag)`` of the gradients this chunk receives."""
+        virtual = self._virtual(chunk)
+        return self._rank_of_virtual(virtual + 1), 2 * virtual + 1
+
+    def _post_next_grad(self, channel: tuple[int, int]) -> None:
+        """Post the channel's next planned gradient receive once its output exists."""
+        plan = self._plan
+        queue = plan.grads.get(channel)
+        if not queue or channel in plan.grad_posted:
+            return
+        key = queue[0]
+        outputs = self._buffers.outputs.get(key)
+        if outputs is None:
+            return
+        like = [t for t in _as_tuple(outputs) if t.is_floating_point()]
+        self.p2p.post_recv_grads(like, *channel)
+        plan.grad_posted[channel] = key
 
     # -- neighbours -------------------------------------------------------------------
     def _virtual(self, chunk: int) -> int:
@@ -711,11 +771,17 @@ class PipelineEngine:
         virtual = self._virtual(instr.chunk_id)
         outputs = _as_tuple(self._buffers.outputs[key])
         self.p2p.send_tensors(outputs, self._rank_of_virtual(virtual + 1), tag=2 * virtual)
+        if self._training:
+            self._post_next_grad(self._grad_channel(instr.chunk_id))
 
     def _exec_recv_activations(self, instr: BufferOpInstruction) -> None:
         key = (instr.chunk_id, instr.buffer_id)
-        virtual = self._virtual(instr.chunk_id)
-        tensors = self.p2p.recv_tensors(self._rank_of_virtual(virtual - 1), tag=2 * (virtual - 1))
+        channel = self._activation_channel(instr.chunk_id)
+        tensors = self.p2p.recv_tensors(*channel)
+        remaining = self._plan.activations.get(channel, 1) - 1
+        self._plan.activations[channel] = remaining
+        if remaining > 0:
+            self.p2p.post_recv_tensors(*channel)
         if self._training:
             tensors = [t.detach().requires_grad_() if t.is_floating_point() else t for t in tensors]
         self._buffers.inputs[key] = tuple(tensors)
@@ -728,11 +794,19 @@ class PipelineEngine:
 
     def _exec_recv_grads(self, instr: BufferOpInstruction) -> None:
         key = (instr.chunk_id, instr.buffer_id)
-        virtual = self._virtual(instr.chunk_id)
+        channel = self._grad_channel(instr.chunk_id)
         like = [t for t in _as_tuple(self._buffers.outputs[key]) if t.is_floating_point()]
-        self._buffers.output_grads[key] = self.p2p.recv_grads(
-            like, self._rank_of_virtual(virtual + 1), tag=2 * virtual + 1
-        )
+        posted = self._plan.grad_posted.pop(channel, None)
+        if posted is not None and posted != key:
+            raise PipelineError(
+                f"stage {self.stage_id}: {instr!r} found the receive posted for buffer {posted}; "
+                "gradients must be received in the order the schedule lists them"
+            )
+        self._buffers.output_grads[key] = self.p2p.recv_grads(like, *channel)
+        queue = self._plan.grads.get(channel)
+        if queue:
+            queue.popleft()
+        self._post_next_grad(channel)
 
     # -- collectives, each bounded by the timeout ------------------------------------------
     def _wait(self, work: Any, what: str) -> None:
