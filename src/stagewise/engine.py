@@ -59,7 +59,7 @@ from stagewise.schedule import (
 from stagewise.schedule.chunked_inference import ChunkedInferenceSchedule
 from stagewise.schedule.registry import schedule_factory
 from stagewise.schedule.render import TimelineEvent, render_timeline, write_chrome_trace
-from stagewise.split_backward import DeferLinearWeightGrads, WeightGradStore
+from stagewise.split_backward import WeightGradStore, route_linear_weight_grads
 
 __all__ = ["PipelineEngine"]
 
@@ -280,12 +280,11 @@ class PipelineEngine:
             OptimizerStep: self._exec_optimizer_step,
         }
         # Linear layers accumulate weight gradients in one GEMM, and schedules that split the
-        # backward defer them to W (fp32 only, without activation checkpointing; otherwise
-        # autograd's own weight gradients run inside I and W has nothing to do).
+        # backward defer them to W (fp32 only: under autocast torch's own backward runs,
+        # whole, inside I, and W has nothing to do).
         self._weight_store = WeightGradStore()
-        self._defer_mode = (
-            DeferLinearWeightGrads(self._weight_store) if not (self.bf16 or self.fp16) else None
-        )
+        self._weight_store.enabled = not (self.bf16 or self.fp16)
+        route_linear_weight_grads(module, self._weight_store)
         self._training = True
         self._compute_loss = True
         self._return_logits = False
@@ -650,20 +649,6 @@ class PipelineEngine:
         if last:
             self._buffers.labels[key] = _to_device(batch[1], self.device)
 
-    def _deferring(self) -> contextlib.AbstractContextManager[Any]:
-        """Linear layers' weight gradients through the store (training only).
-
-        Not with activation checkpointing: torch's checkpoint recomputes without the
-        function mode, so the recomputed graph would differ from the saved one.
-        """
-        if (
-            self._defer_mode is not None
-            and self._training
-            and self.module.activation_checkpoint_interval == 0
-        ):
-            return self._defer_mode
-        return contextlib.nullcontext()
-
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.bf16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -680,7 +665,7 @@ class PipelineEngine:
             )
         inputs = self._buffers.inputs[key]
         x: Any = inputs[0] if len(inputs) == 1 else inputs
-        with self._autocast(), self._deferring():
+        with self._autocast():
             outputs = self.module(x, chunk_id=chunk)
             if self._is_last_virtual(chunk):
                 if self._compute_loss and self.module.loss_fn is not None:
@@ -748,8 +733,7 @@ class PipelineEngine:
         roots, root_grads = self._backward_roots(key)
         inputs = self._grad_inputs(key)
         if roots:
-            with self._deferring():
-                torch.autograd.backward(roots, root_grads or None)
+            torch.autograd.backward(roots, root_grads or None)
         self._store_input_grads(key, [t.grad for t in inputs])
 
     def _exec_backward_input_pass(self, instr: BufferOpInstruction) -> None:
@@ -758,7 +742,7 @@ class PipelineEngine:
         roots, root_grads = self._backward_roots(key)
         inputs = self._grad_inputs(key)
         if roots:
-            with self._weight_store.capturing(key), self._deferring():
+            with self._weight_store.capturing(key):
                 torch.autograd.backward(roots, root_grads or None)
         self._store_input_grads(key, [t.grad for t in inputs])
 

@@ -2,9 +2,8 @@
 
 A backward through a linear layer ``y = x W^T + b`` is two matrix products:
 ``dx = dy W`` (needed upstream at once) and ``dW = dy^T x`` (needed only by the
-optimizer). While a stage runs a schedule with ``BackwardInputPass`` (``I``)
-and ``BackwardWeightPass`` (``W``), every ``F.linear`` whose weight wants a
-gradient runs through :class:`_DeferredLinear`: its backward computes ``dx``
+optimizer). The engine routes every ``nn.Linear`` of the model through
+:class:`_DeferredLinear` (:func:`route_linear_weight_grads`): its backward computes ``dx``
 and hands the ``dW``/``db`` products to a :class:`WeightGradStore`, keyed by
 the micro-batch being differentiated. ``I`` runs the whole autograd backward
 (so every other parameter, a norm's or an embedding's, gets its gradient
@@ -20,14 +19,15 @@ CPU core that halves the cost of a 1024x1024 layer's weight gradient.
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+from torch import nn
 
-__all__ = ["DeferLinearWeightGrads", "WeightGradStore"]
+__all__ = ["WeightGradStore", "route_linear_weight_grads"]
 
 
 class WeightGradStore:
@@ -36,6 +36,8 @@ class WeightGradStore:
     def __init__(self) -> None:
         self.pending: dict[Hashable, list[Callable[[], None]]] = {}
         self.current: Hashable | None = None
+        # Whether routed linear layers use the store (the engine turns it off under autocast).
+        self.enabled = True
 
     def defer(self, work: Callable[[], None]) -> None:
         """Keep ``work`` for the micro-batch being differentiated (run it now outside one)."""
@@ -92,15 +94,18 @@ class _DeferredLinear(torch.autograd.Function):
         bias: torch.Tensor | None,
         store: WeightGradStore,
     ) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
+        # The parameters themselves, not saved tensors: under activation checkpointing a
+        # saved tensor comes back as a recomputed alias, and .grad must land on the parameter.
+        ctx.save_for_backward(x)
+        ctx.weight = weight
         ctx.bias = bias
         ctx.store = store
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> Any:
-        x, weight = ctx.saved_tensors
-        bias = ctx.bias
+        (x,) = ctx.saved_tensors
+        weight, bias = ctx.weight, ctx.bias
         grad_x = grad_out.matmul(weight) if ctx.needs_input_grad[0] else None  # (..., in)
 
         def weight_grads() -> None:
@@ -114,24 +119,26 @@ class _DeferredLinear(torch.autograd.Function):
         return grad_x, None, None, None
 
 
-class DeferLinearWeightGrads(TorchFunctionMode):
-    """While active, linear layers defer their weight gradients to ``store``."""
+def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear.forward``, with the weight gradient going through the layer's store."""
+    store: WeightGradStore = self.__dict__["_stagewise_grad_store"]
+    if store.enabled and torch.is_grad_enabled() and self.weight.requires_grad:
+        out: torch.Tensor = _DeferredLinear.apply(x, self.weight, self.bias, store)
+        return out
+    return F.linear(x, self.weight, self.bias)
 
-    def __init__(self, store: WeightGradStore) -> None:
-        super().__init__()
-        self.store = store
 
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        if func is F.linear and torch.is_grad_enabled():
-            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if isinstance(weight, torch.nn.Parameter) and weight.requires_grad:
-                return _DeferredLinear.apply(x, weight, bias, self.store)
-        return func(*args, **kwargs)
+def route_linear_weight_grads(module: nn.Module, store: WeightGradStore) -> int:
+    """Route the weight gradients of every ``nn.Linear`` in ``module`` through ``store``.
+
+    Each plain ``nn.Linear`` (not a subclass, which may have its own forward) gets a
+    forward that calls :class:`_DeferredLinear` while ``store.enabled``; otherwise it
+    is ``F.linear`` as before. Returns how many layers were routed.
+    """
+    count = 0
+    for layer in module.modules():
+        if type(layer) is nn.Linear:
+            layer.__dict__["_stagewise_grad_store"] = store
+            layer.forward = types.MethodType(_linear_forward, layer)  # type: ignore[method-assign]
+            count += 1
+    return count
