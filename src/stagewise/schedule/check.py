@@ -53,7 +53,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from stagewise.schedule.base import PipeSchedule, Step
+from stagewise.schedule.base import PipeSchedule, Step, gc_paused
 from stagewise.schedule.instructions import BufferOpInstruction, PipeInstruction
 
 __all__ = [
@@ -121,10 +121,11 @@ def schedule_table(
     >>> schedule_table(TrainSchedule, 1, 1)
     [[[L0, F0], [B0, RTG, RDG, OPT]]]
     """
-    return [
-        [list(step) for step in schedule_cls(micro_batches, stages, stage_id, **kwargs).steps()]
-        for stage_id in range(stages)
-    ]
+    with gc_paused():
+        return [
+            [list(step) for step in schedule_cls(micro_batches, stages, stage_id, **kwargs).steps()]
+            for stage_id in range(stages)
+        ]
 
 
 def format_grid(

@@ -30,14 +30,12 @@ moves it locally.
 
 from __future__ import annotations
 
-import gc
 import heapq
 from abc import abstractmethod
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import ClassVar, NamedTuple
 
-from stagewise.schedule.base import PipeSchedule, Step
+from stagewise.schedule.base import PipeSchedule, Step, gc_paused
 from stagewise.schedule.instructions import (
     BackwardInputPass,
     BackwardPass,
@@ -54,25 +52,7 @@ from stagewise.schedule.instructions import (
     SendGrad,
 )
 
-__all__ = ["Pass", "PassOrderSchedule", "gc_paused"]
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector for a block that builds many small objects.
-
-    Building a schedule or simulating one allocates millions of tuples and
-    instructions, none of them in a reference cycle; every few thousand of them
-    the collector would walk the whole heap (torch's included) for nothing, which
-    more than doubles the time. Reference counting still frees everything.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
+__all__ = ["Pass", "PassOrderSchedule"]
 
 
 class Pass(NamedTuple):

@@ -43,10 +43,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from stagewise.schedule.base import PipeSchedule
+from stagewise.schedule.base import PipeSchedule, gc_paused
 from stagewise.schedule.check import Position, ScheduleError, ScheduleFactory
 from stagewise.schedule.instructions import PipeInstruction
-from stagewise.schedule.order import gc_paused
 from stagewise.schedule.render import TimelineEvent
 
 __all__ = ["Costs", "SimResult", "simulate"]
