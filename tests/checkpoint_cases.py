@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 import stagewise
+from interop.tiny_gpt import EVAL_SEED, gpt_specs, token_batches
 from pipeline_cases import LOSSES, SPECS, batches_for, build_pipeline, ds_config
 from stagewise.lr_schedules import build_lr_scheduler
-from stagewise.models.gpt import Block, FinalNorm, GPTConfig, GPTEmbedding, gpt_head, gpt_loss
+from stagewise.models.gpt import gpt_loss
 from stagewise.models.reference import build_reference
 from stagewise.spec import LayerSpec, TiedLayerSpec
 
@@ -176,29 +177,15 @@ def train_reference_ckpt(case: dict[str, Any], steps: int) -> list[float]:
 
 # -- DeepSpeed's checkpoint: the model of tests/interop/ds_save_checkpoint.py -------------
 
-DS_GPT = GPTConfig(vocab_size=48, block_size=16, n_layer=4, n_head=2, n_embd=32)
-
 
 def ds_gpt_specs() -> list[Any]:
     """The specs that tests/interop/ds_save_checkpoint.py builds with DeepSpeed's classes."""
-    return [
-        TiedLayerSpec("embed", GPTEmbedding, DS_GPT, tied_weight_attr="wte.weight"),
-        *[LayerSpec(Block, DS_GPT) for _ in range(DS_GPT.n_layer)],
-        LayerSpec(FinalNorm, DS_GPT),
-        TiedLayerSpec(
-            "embed", GPTEmbedding, DS_GPT, forward_fn=gpt_head, tied_weight_attr="wte.weight"
-        ),
-    ]
+    return gpt_specs(LayerSpec, TiedLayerSpec)
 
 
 def ds_eval_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The evaluation micro-batches (the same in the DeepSpeed script)."""
-    out = []
-    for index in range(4):
-        gen = torch.Generator().manual_seed(7000 + index)
-        tokens = torch.randint(0, DS_GPT.vocab_size, (2, DS_GPT.block_size + 1), generator=gen)
-        out.append((tokens[:, :-1], tokens[:, 1:]))
-    return out
+    return token_batches(EVAL_SEED)
 
 
 def eval_ds_checkpoint(rank: int, world_size: int, load_dir: str) -> float:

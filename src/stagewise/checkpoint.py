@@ -53,7 +53,6 @@ From the shell::
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import json
 import logging
@@ -71,7 +70,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from stagewise.errors import CheckpointError, PeerError
+from stagewise.dist_utils import wait_bounded
+from stagewise.errors import CheckpointError
 from stagewise.spec import LayerSpec, TiedLayerSpec
 
 if TYPE_CHECKING:
@@ -350,19 +350,8 @@ def _timeout_s(engine: PipelineEngine) -> float:
 
 def _all_reduce(engine: PipelineEngine, tensor: torch.Tensor, op: Any, what: str) -> None:
     work = dist.all_reduce(tensor, op=op, async_op=True)
-    seconds = _timeout_s(engine)
-    try:
-        done = work.wait(datetime.timedelta(seconds=seconds))
-    except RuntimeError as exc:
-        raise PeerError(
-            f"rank {engine.global_rank}: {what} failed: {exc}. A peer may have died; the "
-            "checkpoint was not committed"
-        ) from exc
-    if done is False:
-        raise PeerError(
-            f"rank {engine.global_rank}: {what} did not finish within pipeline.timeout_s="
-            f"{seconds:g} s; a peer may have died or be stuck writing"
-        )
+    hint = "a peer may have died or be stuck writing; the checkpoint was not committed"
+    wait_bounded(work, _timeout_s(engine), f"rank {engine.global_rank}", what, hint)
 
 
 def _agree(engine: PipelineEngine, tag: str) -> int:

@@ -23,7 +23,6 @@ Transfers to the same rank (a V schedule's turn) go through a local queue.
 
 from __future__ import annotations
 
-import datetime
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from stagewise.dist_utils import wait_bounded
 from stagewise.errors import PeerError
 
 __all__ = ["P2PChannels", "TensorMeta", "pack", "unpack"]
@@ -185,7 +185,6 @@ class P2PChannels:
     ) -> None:
         self.rank = rank
         self.device = device
-        self.timeout = datetime.timedelta(seconds=timeout_s)
         self.timeout_s = timeout_s
         self.describe = describe
         self._channels: dict[tuple[str, int, int], _Channel] = {}
@@ -199,19 +198,9 @@ class P2PChannels:
 
     # -- waits with a bound ------------------------------------------------------------
     def _wait(self, work: Any, peer: int, what: str) -> None:
-        try:
-            finished = work.wait(self.timeout)
-        except RuntimeError as exc:
-            raise PeerError(
-                f"{self.describe(self.rank)}: {what} {self.describe(peer)} failed: {exc}. "
-                f"The peer may have died or stopped answering (pipeline.timeout_s="
-                f"{self.timeout_s:g})"
-            ) from exc
-        if finished is False:
-            raise PeerError(
-                f"{self.describe(self.rank)}: {what} {self.describe(peer)} did not complete "
-                f"within pipeline.timeout_s={self.timeout_s:g} s; the peer may have died or hung"
-            )
+        wait_bounded(
+            work, self.timeout_s, self.describe(self.rank), f"{what} {self.describe(peer)}"
+        )
 
     def _isend(self, flat: torch.Tensor, peer: int, tag: int, what: str) -> None:
         work = dist.isend(flat, dst=peer, tag=tag)

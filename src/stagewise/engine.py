@@ -19,7 +19,6 @@ stage, tied weights counted once.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import logging
 import os
 import time
@@ -34,8 +33,8 @@ from torch import nn
 
 from stagewise.comm import P2PChannels
 from stagewise.config import Config
-from stagewise.dist_utils import default_device
-from stagewise.errors import ConfigError, PeerError, PipelineError
+from stagewise.dist_utils import default_device, wait_bounded
+from stagewise.errors import ConfigError, PipelineError
 from stagewise.lr_schedules import build_lr_scheduler
 from stagewise.module import PipelineModule
 from stagewise.schedule import (
@@ -215,7 +214,6 @@ class PipelineEngine:
         self.train_batch_size_, self.micro_batch_size, self.micro_batches = config.resolve_batch(
             self.dp_world_size
         )
-        self.timeout = datetime.timedelta(seconds=config.pipeline.timeout_s)
         self.global_steps = 0
         self.global_samples = 0
         self.batch_fn: Callable[[Any], Any] | None = None
@@ -794,18 +792,8 @@ class PipelineEngine:
 
     # -- collectives, each bounded by the timeout ------------------------------------------
     def _wait(self, work: Any, what: str) -> None:
-        try:
-            done = work.wait(self.timeout)
-        except RuntimeError as exc:
-            raise PeerError(
-                f"stage {self.stage_id} (rank {self.global_rank}): {what} failed: {exc}. A peer "
-                f"may have died (pipeline.timeout_s={self.config.pipeline.timeout_s:g})"
-            ) from exc
-        if done is False:
-            raise PeerError(
-                f"stage {self.stage_id} (rank {self.global_rank}): {what} did not finish within "
-                f"pipeline.timeout_s={self.config.pipeline.timeout_s:g} s; a peer may have died"
-            )
+        who = f"stage {self.stage_id} (rank {self.global_rank})"
+        wait_bounded(work, self.config.pipeline.timeout_s, who, what, "a peer may have died")
 
     def _all_reduce(self, tensor: torch.Tensor, group: Any, what: str, op: Any = None) -> None:
         work = dist.all_reduce(

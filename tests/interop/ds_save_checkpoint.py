@@ -18,28 +18,9 @@ import json
 import os
 
 import torch
+from tiny_gpt import EVAL_SEED, TRAIN_SEED, gpt_specs, token_batches
 
-from stagewise.models.gpt import Block, FinalNorm, GPTConfig, GPTEmbedding, gpt_head, gpt_loss
-
-CONFIG = GPTConfig(vocab_size=48, block_size=16, n_layer=4, n_head=2, n_embd=32)
-
-
-def eval_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    out = []
-    for index in range(4):
-        gen = torch.Generator().manual_seed(7000 + index)
-        tokens = torch.randint(0, CONFIG.vocab_size, (2, CONFIG.block_size + 1), generator=gen)
-        out.append((tokens[:, :-1], tokens[:, 1:]))
-    return out
-
-
-def train_batches(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    out = []
-    for index in range(4):
-        gen = torch.Generator().manual_seed(100 * step + index)
-        tokens = torch.randint(0, CONFIG.vocab_size, (2, CONFIG.block_size + 1), generator=gen)
-        out.append((tokens[:, :-1], tokens[:, 1:]))
-    return out
+from stagewise.models.gpt import gpt_loss
 
 
 def main() -> None:
@@ -54,14 +35,7 @@ def main() -> None:
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
     deepspeed.init_distributed(dist_backend="gloo")
-    layers = [
-        TiedLayerSpec("embed", GPTEmbedding, CONFIG, tied_weight_attr="wte.weight"),
-        *[LayerSpec(Block, CONFIG) for _ in range(CONFIG.n_layer)],
-        LayerSpec(FinalNorm, CONFIG),
-        TiedLayerSpec(
-            "embed", GPTEmbedding, CONFIG, forward_fn=gpt_head, tied_weight_attr="wte.weight"
-        ),
-    ]
+    layers = gpt_specs(LayerSpec, TiedLayerSpec)
     model = PipelineModule(
         layers=layers,
         num_stages=2,
@@ -78,9 +52,12 @@ def main() -> None:
         "gradient_clipping": 0.0,
     }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    losses = [float(engine.train_batch(iter(train_batches(step)))) for step in range(args.steps)]
+    losses = [
+        float(engine.train_batch(iter(token_batches(TRAIN_SEED * step))))
+        for step in range(args.steps)
+    ]
     engine.save_checkpoint(args.save_dir)
-    eval_loss = float(engine.eval_batch(iter(eval_batches())))
+    eval_loss = float(engine.eval_batch(iter(token_batches(EVAL_SEED))))
     if torch.distributed.get_rank() == 0:
         with open(args.out, "w") as handle:
             json.dump({"losses": losses, "eval_loss": eval_loss}, handle)

@@ -17,10 +17,9 @@ import json
 import os
 
 import torch
+from tiny_gpt import TRAIN_SEED, gpt_specs, token_batches
 
-from stagewise.models.gpt import Block, FinalNorm, GPTConfig, GPTEmbedding, gpt_head, gpt_loss
-
-CONFIG = GPTConfig(vocab_size=48, block_size=16, n_layer=4, n_head=2, n_embd=32)
+from stagewise.models.gpt import gpt_loss
 
 
 def main() -> None:
@@ -54,19 +53,7 @@ def main() -> None:
 
         ds.init_distributed(dist_backend="gloo")
 
-    attr = "wte.weight"
-    layers = [
-        TiedLayerSpec("embed", GPTEmbedding, CONFIG, tied_weight_attr=attr),
-        *[LayerSpec(Block, CONFIG) for _ in range(CONFIG.n_layer)],
-        LayerSpec(FinalNorm, CONFIG),
-        TiedLayerSpec(
-            "head" if args.untied else "embed",
-            GPTEmbedding,
-            CONFIG,
-            forward_fn=gpt_head,
-            tied_weight_attr=attr,
-        ),
-    ]
+    layers = gpt_specs(LayerSpec, TiedLayerSpec, untied=args.untied)
     model = PipelineModule(
         layers=layers,
         num_stages=2,
@@ -84,13 +71,10 @@ def main() -> None:
     }
     engine, _, _, _ = ds.initialize(model=model, optimizer=optimizer, config=config)
 
-    def batches(step: int):  # the same micro-batches on every rank
-        for index in range(4):
-            gen = torch.Generator().manual_seed(100 * step + index)
-            tokens = torch.randint(0, CONFIG.vocab_size, (2, CONFIG.block_size + 1), generator=gen)
-            yield tokens[:, :-1], tokens[:, 1:]
-
-    losses = [float(engine.train_batch(batches(step))) for step in range(args.steps)]
+    losses = [
+        float(engine.train_batch(iter(token_batches(TRAIN_SEED * step))))
+        for step in range(args.steps)
+    ]
     if args.dump:
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         torch.save(state, f"{args.dump}.{torch.distributed.get_rank()}.pt")
