@@ -56,9 +56,10 @@ class WeightGradStore:
             self.current = None
 
     def flush(self, key: Hashable) -> None:
-        """Run ``key``'s deferred work (its weight gradients)."""
-        for work in self.pending.pop(key, ()):
-            work()
+        """Run ``key``'s deferred work (its weight gradients), recording no autograd history."""
+        with torch.no_grad():
+            for work in self.pending.pop(key, ()):
+                work()
 
     def clear(self) -> None:
         self.pending.clear()
