@@ -283,6 +283,9 @@ class PipelineEngine:
         self._weight_store = WeightGradStore()
         self._weight_store.enabled = not (self.bf16 or self.fp16)
         route_linear_weight_grads(module, self._weight_store)
+        self._linear_weights = [
+            m.weight for m in module.modules() if type(m) is nn.Linear and m.weight.requires_grad
+        ]
         self._training = True
         self._compute_loss = True
         self._return_logits = False
@@ -857,6 +860,8 @@ class PipelineEngine:
         if self.config.gradient_clipping > 0:
             self._clip_global_norm(self.config.gradient_clipping)
         self.optimizer.step()
+        if self._weight_store.enabled:
+            self._weight_store.keep_buffers(self._linear_weights)
         self.optimizer.zero_grad(set_to_none=True)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()

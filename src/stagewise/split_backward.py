@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import types
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -38,6 +38,15 @@ class WeightGradStore:
         self.current: Hashable | None = None
         # Whether routed linear layers use the store (the engine turns it off under autocast).
         self.enabled = True
+        # Last step's weight-gradient tensors, reused by the next step's first product.
+        self.buffers: dict[torch.Tensor, torch.Tensor] = {}
+
+    def keep_buffers(self, params: Iterable[torch.Tensor]) -> None:
+        """Keep the 2-D gradients of ``params`` to write the next step's into (call it before
+        the optimizer sets them to None)."""
+        for param in params:
+            if param.grad is not None and param.grad.dim() == 2 and param.grad.grad_fn is None:
+                self.buffers[param] = param.grad
 
     def defer(self, work: Callable[[], None]) -> None:
         """Keep ``work`` for the micro-batch being differentiated (run it now outside one)."""
@@ -74,10 +83,25 @@ def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
         param.grad.add_(grad)
 
 
-def _accumulate_product(param: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``param.grad += a @ b`` inside one GEMM (no temporary the size of the weight)."""
+def _accumulate_product(
+    param: torch.Tensor, a: torch.Tensor, b: torch.Tensor, store: WeightGradStore
+) -> None:
+    """``param.grad += a @ b`` inside one GEMM (no temporary the size of the weight).
+
+    The first product of a step goes into the buffer the parameter's gradient had
+    last step (:meth:`WeightGradStore.keep_buffers`), when there is one: a fresh
+    allocation of that size costs page faults on the critical path.
+    """
     if param.grad is None:
-        param.grad = a.mm(b).to(param.dtype)
+        buffer = store.buffers.pop(param, None)
+        if (
+            buffer is not None
+            and buffer.shape == (a.shape[0], b.shape[1])
+            and (buffer.dtype == a.dtype == param.dtype)
+        ):
+            param.grad = torch.mm(a, b, out=buffer)
+        else:
+            param.grad = a.mm(b).to(param.dtype)
     elif param.grad.dtype == a.dtype:
         param.grad.addmm_(a, b)
     else:
@@ -112,7 +136,7 @@ class _DeferredLinear(torch.autograd.Function):
         def weight_grads() -> None:
             dy = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
             if weight.requires_grad:
-                _accumulate_product(weight, dy.t(), x.reshape(-1, x.shape[-1]))  # (out, in)
+                _accumulate_product(weight, dy.t(), x.reshape(-1, x.shape[-1]), ctx.store)
             if bias is not None and bias.requires_grad:
                 _accumulate(bias, dy.sum(0))  # (out,)
 
