@@ -813,13 +813,12 @@ class PipelineEngine:
     def _exec_reduce_grads(self, instr: PipeInstruction) -> None:
         if self.dp_world_size == 1:
             return
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        for p in params:
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in self.module.parameters():
+            if not p.requires_grad:
+                continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for p in params:
-            assert p.grad is not None
             by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
         group = self.grid.get_data_parallel_group()
         for grads in by_dtype.values():

@@ -117,7 +117,7 @@ class PipelineModule(nn.Module):
         super().__init__()
         require_dist("PipelineModule")
         if num_stages is None and topology is None:
-            raise ValueError("PipelineModule needs num_stages or topology")
+            raise ValueError("PipelineModule needs num_stages or topology (e.g. num_stages=2)")
         if activation_checkpoint_interval < 0:
             raise ValueError(
                 f"activation_checkpoint_interval must be >= 0, got {activation_checkpoint_interval}"
@@ -132,7 +132,7 @@ class PipelineModule(nn.Module):
         self.global_rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         if topology is None:
-            assert num_stages is not None
+            num_stages = int(num_stages or 0)  # given: checked above
             if num_stages < 1 or self.world_size % num_stages:
                 raise ValueError(
                     f"num_stages={num_stages} must divide the world size {self.world_size} "
