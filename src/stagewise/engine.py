@@ -970,7 +970,7 @@ class PipelineEngine:
 
     # -- timelines ----------------------------------------------------------------------
     def gather_timeline(self) -> list[TimelineEvent] | None:
-        """Every stage's recorded events of the last batch, on the pipeline's first stage.
+        """Every stage's recorded events of the last training batch, on the first stage.
 
         Needs ``pipeline.record_timeline``; every stage of the pipeline must call it.
         Returns None on the other stages.
