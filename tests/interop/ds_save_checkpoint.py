@@ -18,9 +18,7 @@ import json
 import os
 
 import torch
-from tiny_gpt import EVAL_SEED, TRAIN_SEED, gpt_specs, token_batches
-
-from stagewise.models.gpt import gpt_loss
+from tiny_gpt import EVAL_SEED, TRAIN_SEED, token_batches, train_engine
 
 
 def main() -> None:
@@ -32,26 +30,10 @@ def main() -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
-    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+    import deepspeed.pipe
 
     deepspeed.init_distributed(dist_backend="gloo")
-    layers = gpt_specs(LayerSpec, TiedLayerSpec)
-    model = PipelineModule(
-        layers=layers,
-        num_stages=2,
-        loss_fn=gpt_loss,
-        seed_layers=True,
-        base_seed=1234,
-        partition_method="uniform",
-    )
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    config = {
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 4,
-        "steps_per_print": 1000,
-        "gradient_clipping": 0.0,
-    }
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    engine = train_engine(deepspeed, deepspeed.pipe)
     losses = [
         float(engine.train_batch(iter(token_batches(TRAIN_SEED * step))))
         for step in range(args.steps)

@@ -17,9 +17,7 @@ import json
 import os
 
 import torch
-from tiny_gpt import TRAIN_SEED, gpt_specs, token_batches
-
-from stagewise.models.gpt import gpt_loss
+from tiny_gpt import TRAIN_SEED, token_batches, train_engine
 
 
 def main() -> None:
@@ -44,32 +42,17 @@ def main() -> None:
     if args.impl == "deepspeed":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed as ds
-        from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+        import deepspeed.pipe as pipe
 
         ds.init_distributed(dist_backend="gloo")
     else:
         import stagewise as ds
-        from stagewise.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+        import stagewise.pipe as pipe
 
         ds.init_distributed(dist_backend="gloo")
 
-    layers = gpt_specs(LayerSpec, TiedLayerSpec, untied=args.untied)
-    model = PipelineModule(
-        layers=layers,
-        num_stages=2,
-        loss_fn=gpt_loss,
-        seed_layers=True,
-        base_seed=1234,
-        partition_method="uniform",
-    )
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    config = {
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 4,
-        "steps_per_print": 1000,
-        "gradient_clipping": args.clip,
-    }
-    engine, _, _, _ = ds.initialize(model=model, optimizer=optimizer, config=config)
+    engine = train_engine(ds, pipe, clip=args.clip, untied=args.untied)
+    model = engine.module
 
     losses = [
         float(engine.train_batch(iter(token_batches(TRAIN_SEED * step))))

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from stagewise.models.gpt import Block, FinalNorm, GPTConfig, GPTEmbedding, gpt_head
+from stagewise.models.gpt import Block, FinalNorm, GPTConfig, GPTEmbedding, gpt_head, gpt_loss
 
 CONFIG = GPTConfig(vocab_size=48, block_size=16, n_layer=4, n_head=2, n_embd=32)
 TRAIN_SEED = 100  # batch `step` is token_batches(TRAIN_SEED * step)
@@ -45,3 +45,25 @@ def token_batches(
         tokens = torch.randint(0, CONFIG.vocab_size, (size, CONFIG.block_size + 1), generator=gen)
         out.append((tokens[:, :-1], tokens[:, 1:]))
     return out
+
+
+def train_engine(api: Any, pipe: Any, clip: float = 0.0, untied: bool = False) -> Any:
+    """The 2-stage engine both scripts train: ``api`` is ``deepspeed`` or ``stagewise``,
+    ``pipe`` its ``.pipe`` module (the only difference between the two runs)."""
+    model = pipe.PipelineModule(
+        layers=gpt_specs(pipe.LayerSpec, pipe.TiedLayerSpec, untied=untied),
+        num_stages=2,
+        loss_fn=gpt_loss,
+        seed_layers=True,
+        base_seed=1234,
+        partition_method="uniform",
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 4,
+        "steps_per_print": 1000,
+        "gradient_clipping": clip,
+    }
+    engine, _, _, _ = api.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
