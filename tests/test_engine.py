@@ -173,6 +173,12 @@ def _expect_error(rank: int, world_size: int, what: str) -> str:
             module = build_pipeline(case)
             engine, *_ = stagewise.initialize(model=module, config=ds_config(case))
             engine(torch.zeros(2, 4))
+        elif what in ("partition", "partition_ok"):
+            module = build_pipeline(case)  # partitioned "uniform"
+            method = "parameters" if what == "partition" else "Uniform"
+            config = ds_config(case)
+            config["pipeline"]["partition_method"] = method
+            stagewise.initialize(model=module, config=config)
         elif what == "too_many_stages":
             stagewise.PipelineModule(layers=BASE_SPECS()[:1], num_stages=2)
     except Exception as exc:  # the message is what the test pins
@@ -202,6 +208,12 @@ def BASE_SPECS() -> list[Any]:
         ),
         ("forward", r"PipelineError: forward\(\) is not available .*train_batch"),
         ("too_many_stages", r"ValueError: cannot cut 1 layers into 2 pipeline parts"),
+        (
+            "partition",
+            r"ConfigError: pipeline.partition_method='parameters' but the PipelineModule was "
+            r"partitioned with 'uniform'",
+        ),
+        ("partition_ok", r"^no error$"),
     ],
 )
 def test_clear_errors(what: str, pattern: str) -> None:

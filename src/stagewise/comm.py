@@ -240,13 +240,7 @@ class P2PChannels:
         """Receive a tuple of tensors from ``src`` on channel ``tag`` (blocking, bounded)."""
         channel = self._channel("recv", src, tag)
         if src == self.rank:
-            mine = self._channel("send", src, tag)
-            if not mine.local:
-                raise PeerError(
-                    f"{self.describe(self.rank)}: receive from itself on channel {tag} before "
-                    "the matching send; the schedule orders them wrongly"
-                )
-            return [t.clone() for t in mine.local.popleft()]
+            return [t.clone() for t in self._pop_local(tag, "receive")]
         what = "receiving activations from"
         if channel.posted is not None:
             work, flat, metas = channel.posted
@@ -262,6 +256,16 @@ class P2PChannels:
             self._recv(flat, src, tag, what)
         channel.metas = metas
         return unpack(flat, metas)
+
+    def _pop_local(self, tag: int, what: str) -> list[torch.Tensor]:
+        """The oldest tensors this rank sent itself on channel ``tag`` (a V schedule's turn)."""
+        mine = self._channel("send", self.rank, tag)
+        if not mine.local:
+            raise PeerError(
+                f"{self.describe(self.rank)}: {what} from itself on channel {tag} before the "
+                "matching send; the schedule orders them wrongly"
+            )
+        return list(mine.local.popleft())
 
     def post_recv_tensors(self, src: int, tag: int) -> None:
         """Post the next activation receive of a channel ahead of its instruction.
@@ -304,13 +308,7 @@ class P2PChannels:
     def recv_grads(self, like: Sequence[torch.Tensor], src: int, tag: int) -> list[torch.Tensor]:
         """Receive gradients shaped like ``like`` from ``src`` (blocking, bounded)."""
         if src == self.rank:
-            mine = self._channel("send", src, tag)
-            if not mine.local:
-                raise PeerError(
-                    f"{self.describe(self.rank)}: gradient receive from itself on channel {tag} "
-                    "before the matching send; the schedule orders them wrongly"
-                )
-            return list(mine.local.popleft())
+            return self._pop_local(tag, "gradient receive")
         if not like:
             return []
         what = "receiving gradients from"

@@ -37,6 +37,7 @@ from stagewise.dist_utils import default_device, wait_bounded
 from stagewise.errors import ConfigError, PipelineError
 from stagewise.lr_schedules import build_lr_scheduler
 from stagewise.module import PipelineModule
+from stagewise.partition import PartitionMethod
 from stagewise.schedule import (
     BackwardInputPass,
     BackwardPass,
@@ -301,6 +302,18 @@ class PipelineEngine:
         cfg = self.config.pipeline
         if cfg.activation_checkpoint_interval is not None:
             self.module.set_checkpoint_interval(cfg.activation_checkpoint_interval)
+        if cfg.partition_method is not None:
+            try:
+                wanted = PartitionMethod.parse(cfg.partition_method)
+            except ValueError as exc:
+                raise ConfigError(f"pipeline.partition_method: {exc}") from None
+            if wanted != self.module.partition_method:
+                raise ConfigError(
+                    f"pipeline.partition_method={cfg.partition_method!r} but the PipelineModule "
+                    f"was partitioned with {str(self.module.partition_method)!r}; layers are cut "
+                    "before the engine, so pass partition_method to PipelineModule (or drop the "
+                    "key)"
+                )
         if cfg.seed_layers is not None and cfg.seed_layers != self.module.seed_layers:
             raise ConfigError(
                 f"pipeline.seed_layers={cfg.seed_layers} but the PipelineModule was built with "

@@ -175,7 +175,8 @@ class PipelineModule(nn.Module):
         self.stage_id = self._grid.get_stage_id()
 
         self._check_tied_specs()
-        self.parts = self._partition(partition_method, num_parts, profile_input)
+        self.partition_method = PartitionMethod.parse(partition_method)
+        self.parts = self._partition(self.partition_method, num_parts, profile_input)
         self.tied_modules = nn.ModuleDict()
         self.tied_weight_attrs: dict[str, list[str]] = {}
         self._chunk_funcs: list[list[Callable[..., Any]]] = []
@@ -220,10 +221,7 @@ class PipelineModule(nn.Module):
         part = self.virtual_stage(self.stage_id if stage_id is None else stage_id, chunk_id)
         return self.parts[part], self.parts[part + 1]
 
-    def _partition(
-        self, partition_method: str | Sequence[int], num_parts: int, profile_input: Any
-    ) -> list[int]:
-        method = PartitionMethod.parse(partition_method)
+    def _partition(self, method: PartitionMethod, num_parts: int, profile_input: Any) -> list[int]:
         class_names = [_layer_name(layer) for layer in self._layer_specs]
         param_counts: list[int] = []
         profile_costs: list[float] | None = None
