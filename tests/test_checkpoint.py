@@ -37,10 +37,10 @@ from stagewise.checkpoint import (
     CheckpointError,
     LayerTable,
     export_checkpoint,
-    export_main,
     import_state_dict,
     layer_file_name,
 )
+from stagewise.cli.export import export_main
 from stagewise.models.reference import build_reference
 
 pytestmark = pytest.mark.slow
@@ -67,15 +67,15 @@ def test_layer_files_follow_deepspeed() -> None:
 
 def test_loss_scale_state_round_trip() -> None:
     from stagewise.config import Config
-    from stagewise.engine import _LossScaler
+    from stagewise.engine.optim import LossScaler
 
     fp16 = Config.from_any({"train_micro_batch_size_per_gpu": 1, "fp16": {"enabled": True}}).fp16
-    scaler = _LossScaler(fp16)
+    scaler = LossScaler(fp16)
     for overflow in (True, True, False):
         scaler.update(overflow)
     state = scaler.state_dict()
     assert state == {"scale": 2.0**15, "good_steps": 1, "hysteresis_left": 1}
-    fresh = _LossScaler(fp16)
+    fresh = LossScaler(fp16)
     fresh.load_state_dict(state)
     assert vars(fresh) == vars(scaler)
 

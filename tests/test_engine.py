@@ -236,18 +236,18 @@ def _die_mid_batch(rank: int, world_size: int, case: dict[str, Any]) -> str:
     engine.train_batch(iter(batches_for(case, 0, 0)))
     if rank == 1:
         data = iter(batches_for(case, 1, 0))
-        original = engine._exec_forward_pass
         calls = {"n": 0}
+        original: Any = None
 
-        def forward_then_die(instr: Any) -> None:
+        def forward_then_die(instr: Any, batch: Any) -> None:
             calls["n"] += 1
             if calls["n"] == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
-            original(instr)
+            original(instr, batch)
 
         from stagewise.schedule import ForwardPass
 
-        engine._handlers[ForwardPass] = forward_then_die
+        original = engine.register_instruction(ForwardPass, forward_then_die)
         engine.train_batch(data)
         return "survived"
     start = time.monotonic()

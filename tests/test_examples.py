@@ -61,16 +61,17 @@ def _torchrun(*args: str) -> list[str]:
 
 def test_example_one_node_equals_two_agents(tmp_path: Path) -> None:
     one = tmp_path / "one.json"
-    subprocess.run(
+    proc = subprocess.run(
         _torchrun(
             "--standalone", "--nproc_per_node", "2", str(EXAMPLE), *SMALL, "--losses", str(one)
         ),
-        check=True,
         capture_output=True,
+        text=True,
         timeout=240,
         env=ENV,
         cwd=tmp_path,
     )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     two = tmp_path / "two.json"
     port = _free_port()
     agents = [

@@ -10,11 +10,18 @@ Nothing runs on import.
 
 from stagewise.config import Config
 from stagewise.engine import PipelineEngine
-from stagewise.errors import CheckpointError, ConfigError, PeerError, PipelineError
+from stagewise.entry import init_distributed, initialize
+from stagewise.errors import (
+    CheckpointError,
+    ConfigError,
+    InstructionError,
+    PeerError,
+    PipelineError,
+)
 from stagewise.grid import PipelineParallelGrid
+from stagewise.loader import RepeatingLoader
 from stagewise.module import PipelineModule
 from stagewise.partition import partition_balanced, partition_uniform
-from stagewise.runtime import RepeatingLoader, init_distributed, initialize
 from stagewise.spec import LayerSpec, TiedLayerSpec
 from stagewise.topology import (
     PipeDataParallelTopology,
@@ -28,6 +35,7 @@ __all__ = [
     "CheckpointError",
     "Config",
     "ConfigError",
+    "InstructionError",
     "LayerSpec",
     "PeerError",
     "PipeDataParallelTopology",

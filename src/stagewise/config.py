@@ -63,6 +63,9 @@ class PipelineConfig:
     timeout_s: float = 300.0
     # Record every instruction's start and end (for timelines and Chrome traces).
     record_timeline: bool = False
+    # How point-to-point messages are matched: "order" (by issue order alone, as NCCL
+    # does; the default everywhere) or "tags" (gloo's tags too, a debugging aid).
+    p2p_match: str = "order"
     # DeepSpeed's keys, accepted for compatibility and unused here.
     stages: Any = "auto"
     partition: Any = "best"
@@ -81,6 +84,10 @@ class PipelineConfig:
             _typed(p, "virtual_stages", out.virtual_stages, int) < 1
         ):
             raise ConfigError(f"pipeline.virtual_stages must be >= 1, got {out.virtual_stages}")
+        if _typed(p, "p2p_match", out.p2p_match, str) not in ("order", "tags"):
+            raise ConfigError(
+                f"pipeline.p2p_match must be 'order' or 'tags', got {out.p2p_match!r}"
+            )
         if out.timeout_s <= 0:
             raise ConfigError(f"pipeline.timeout_s must be > 0, got {out.timeout_s}")
         if out.activation_checkpoint_interval is not None:

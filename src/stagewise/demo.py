@@ -175,7 +175,7 @@ def _train(rank: int, options: DemoOptions) -> dict[str, Any] | None:
         step_start = time.perf_counter()
         loss = float(engine.train_batch(train_iter))
         wall = time.perf_counter() - step_start
-        busy = torch.tensor([_busy_seconds(engine.timeline)], dtype=torch.float64)
+        busy = torch.tensor([_busy_seconds(engine.timeline or [])], dtype=torch.float64)
         if options.stages > 1:
             dist.all_reduce(busy, group=pipe_group)
         bubble = max(0.0, 1.0 - float(busy) / (options.stages * wall))

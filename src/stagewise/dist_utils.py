@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import datetime
 import os
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from stagewise.errors import PeerError
-
-__all__ = ["default_device", "require_dist", "wait_bounded"]
+__all__ = ["default_device", "require_dist"]
 
 
 def require_dist(what: str) -> None:
@@ -30,29 +26,3 @@ def default_device() -> torch.device:
         index = int(local) if local is not None else dist.get_rank() % torch.cuda.device_count()
         return torch.device("cuda", index)
     return torch.device("cpu")
-
-
-def wait_bounded(
-    work: Any,
-    timeout_s: float,
-    who: str,
-    what: str,
-    hint: str = "the peer may have died or stopped answering",
-) -> None:
-    """Wait for a ``torch.distributed`` work object at most ``timeout_s`` seconds.
-
-    Raises:
-        PeerError: naming ``who`` waited for ``what``, when the peer closed its
-            connection (it died) or nothing came in time (it hung).
-    """
-    try:
-        done = work.wait(datetime.timedelta(seconds=timeout_s))
-    except RuntimeError as exc:
-        raise PeerError(
-            f"{who}: {what} failed: {exc}. {hint[:1].upper()}{hint[1:]} "
-            f"(pipeline.timeout_s={timeout_s:g})"
-        ) from exc
-    if done is False:
-        raise PeerError(
-            f"{who}: {what} did not finish within pipeline.timeout_s={timeout_s:g} s; {hint}"
-        )

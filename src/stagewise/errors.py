@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "PeerError", "PipelineError"]
+__all__ = ["CheckpointError", "ConfigError", "InstructionError", "PeerError", "PipelineError"]
 
 
 class PipelineError(RuntimeError):
@@ -19,3 +19,16 @@ class PeerError(PipelineError):
 
 class CheckpointError(PipelineError):
     """A checkpoint is missing, incomplete, torn or does not fit the model being loaded."""
+
+
+class InstructionError(PipelineError):
+    """An instruction of a schedule failed on some rank.
+
+    The message names the rank, the stage, the step and the instruction, and shows
+    the schedule's grid with the instruction marked; the original exception is
+    ``original`` (and ``__cause__``).
+    """
+
+    def __init__(self, message: str, original: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.original = original

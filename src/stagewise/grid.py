@@ -42,11 +42,12 @@ class PipelineParallelGrid:
 
     Args:
         topology: the layout of ranks. Defaults to all ranks in one pipeline.
-        process_group: accepted for DeepSpeed compatibility; the grid is always built
-            over the default group.
+        process_group: None or the default group (DeepSpeed's argument): the grid is
+            always built over the default group.
 
     Raises:
-        ValueError: when the topology's size differs from the world size.
+        ValueError: when the topology's size differs from the world size, or a
+            process group other than the default one is given.
     """
 
     def __init__(self, topology: ProcessTopology | None = None, process_group: Any = None) -> None:
@@ -54,6 +55,12 @@ class PipelineParallelGrid:
             raise RuntimeError(
                 "PipelineParallelGrid needs torch.distributed; call "
                 "stagewise.init_distributed() first (or launch with torchrun)"
+            )
+        if process_group is not None and process_group is not dist.group.WORLD:
+            raise ValueError(
+                "PipelineParallelGrid(process_group=...) must be None or the default group: "
+                "the grid's groups are built over every rank of the default group; launch only "
+                "the ranks of the pipeline (or describe them in the topology) instead"
             )
         self.global_rank = dist.get_rank()
         self.world_size = dist.get_world_size()

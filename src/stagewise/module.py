@@ -24,9 +24,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from stagewise.dist_utils import default_device, require_dist
+from stagewise.errors import ConfigError
 from stagewise.grid import PipelineParallelGrid
 from stagewise.partition import PartitionMethod, compute_boundaries
 from stagewise.spec import LayerSpec, TiedLayerSpec, get_attr_path, seed_everything
+from stagewise.tied import check_tied_specs, synchronize_tied_weights, tied_groups
 from stagewise.topology import PipeDataParallelTopology, ProcessTopology
 
 __all__ = ["PipelineModule", "non_reentrant_checkpoint"]
@@ -162,6 +164,9 @@ class PipelineModule(nn.Module):
             list(checkpointable_layers) if checkpointable_layers is not None else None
         )
         self.dynamic_shape = dynamic_shape
+        # JSON-able facts about the model that checkpoints keep in their manifest (an
+        # adapter records, e.g., the Hugging Face config it was built from).
+        self.checkpoint_metadata: dict[str, Any] = {}
 
         num_parts = self.num_stages * self.num_chunks
         if self._num_layers < num_parts:
@@ -174,7 +179,7 @@ class PipelineModule(nn.Module):
         self._grid = PipelineParallelGrid(process_group=None, topology=topology)
         self.stage_id = self._grid.get_stage_id()
 
-        self._check_tied_specs()
+        check_tied_specs(self._layer_specs)
         self.partition_method = PartitionMethod.parse(partition_method)
         self.parts = self._partition(self.partition_method, num_parts, profile_input)
         self.tied_modules = nn.ModuleDict()
@@ -186,28 +191,21 @@ class PipelineModule(nn.Module):
             funcs, ids = self._build(start, stop)
             self._chunk_funcs.append(funcs)
             self._chunk_layer_ids.append(ids)
-        self._local_start, self._local_stop = self.chunk_bounds(0)
         self.forward_funcs = [f for funcs in self._chunk_funcs for f in funcs]
 
         self.to(default_device())
-        self.tied_comms = self._index_tied_modules()
-        self._synchronize_tied_weights()
-
-    def _check_tied_specs(self) -> None:
-        """Specs sharing a key must tie the same attributes: every stage syncs the same list."""
-        first: dict[str, tuple[int, list[str]]] = {}
+        owners: dict[str, set[int]] = {}
         for idx, spec in enumerate(self._layer_specs):
-            if not isinstance(spec, TiedLayerSpec):
-                continue
-            if spec.key not in first:
-                first[spec.key] = (idx, spec.tied_weight_attr)
-            elif first[spec.key][1] != spec.tied_weight_attr:
-                other, attrs = first[spec.key]
-                raise ValueError(
-                    f"TiedLayerSpec {spec.key!r}: layer {other} ties {attrs} but layer {idx} "
-                    f"ties {spec.tied_weight_attr}; give every spec of one key the same "
-                    "tied_weight_attr (stages holding different layers must sync the same weights)"
-                )
+            if isinstance(spec, TiedLayerSpec):
+                owners.setdefault(spec.key, set()).add(self.stage_owner(idx))
+        self.tied_comms = tied_groups(
+            {key: sorted(stages) for key, stages in owners.items()},
+            self._topo,
+            self.global_rank,
+            dict(self.tied_modules.items()),
+            self.tied_weight_attrs,
+        )
+        synchronize_tied_weights(self.tied_comms)
 
     # -- partitioning -------------------------------------------------------------------
     def virtual_stage(self, stage_id: int, chunk_id: int) -> int:
@@ -317,50 +315,6 @@ class PipelineModule(nn.Module):
         return funcs, ids
 
     # -- tied weights ---------------------------------------------------------------------
-    def _index_tied_modules(self) -> dict[str, dict[str, Any]]:
-        """One group per tied key and per (data, model) coordinate, over the stages holding it."""
-        comms: dict[str, dict[str, Any]] = {}
-        keys = sorted({s.key for s in self._layer_specs if isinstance(s, TiedLayerSpec)})
-        axes = self._topo.get_axis_names()
-        for key in keys:
-            stages = sorted(
-                {
-                    self.stage_owner(idx)
-                    for idx, s in enumerate(self._layer_specs)
-                    if isinstance(s, TiedLayerSpec) and s.key == key
-                }
-            )
-            if len(stages) < 2:
-                continue
-            for dp in range(max(self._topo.get_dim("data"), 1)):
-                for mp in range(max(self._topo.get_dim("model"), 1)):
-                    coord: dict[str, int] = {}
-                    if "data" in axes:
-                        coord["data"] = dp
-                    if "model" in axes:
-                        coord["model"] = mp
-                    ranks = [self._topo.get_rank(pipe=s, **coord) for s in stages]
-                    group = dist.new_group(ranks=ranks)
-                    if self.global_rank in ranks:
-                        comms[key] = {
-                            "ranks": ranks,
-                            "group": group,
-                            "weight_attr": self.tied_weight_attrs[key],
-                            "module": self.tied_modules[key],
-                        }
-                        if self.global_rank != ranks[0]:
-                            for attr in self.tied_weight_attrs[key]:
-                                weight = get_attr_path(self.tied_modules[key], attr)
-                                weight.ds_pipe_replicated = True
-        return comms
-
-    def _synchronize_tied_weights(self) -> None:
-        """Broadcast every tied weight from the lowest rank holding it."""
-        for comm in self.tied_comms.values():
-            for attr in comm["weight_attr"]:
-                weight = get_attr_path(comm["module"], attr)
-                dist.broadcast(weight.data, src=min(comm["ranks"]), group=comm["group"])
-
     def tied_weights(self) -> list[tuple[torch.Tensor, Any, list[int]]]:
         """``(weight, group, ranks)`` for each tied weight this rank shares with others."""
         return [
@@ -469,6 +423,37 @@ class PipelineModule(nn.Module):
         if isinstance(layer, TiedLayerSpec):
             return self.tied_modules[layer.key] if layer.key in self.tied_modules else None
         return self._modules.get(str(layer_idx))
+
+    def apply_pipeline_config(self, cfg: Any) -> None:
+        """Take the config's ``pipeline`` section (a ``PipelineConfig``) into account.
+
+        ``activation_checkpoint_interval`` overrides the module's; ``partition_method``
+        and ``seed_layers`` must agree with the module's, which already cut and built
+        the layers.
+
+        Raises:
+            ConfigError: a key that disagrees with how the module was built.
+        """
+        if cfg.activation_checkpoint_interval is not None:
+            self.set_checkpoint_interval(cfg.activation_checkpoint_interval)
+        if cfg.partition_method is not None:
+            try:
+                wanted = PartitionMethod.parse(cfg.partition_method)
+            except ValueError as exc:
+                raise ConfigError(f"pipeline.partition_method: {exc}") from None
+            if wanted != self.partition_method:
+                raise ConfigError(
+                    f"pipeline.partition_method={cfg.partition_method!r} but the PipelineModule "
+                    f"was partitioned with {str(self.partition_method)!r}; layers are cut "
+                    "before the engine, so pass partition_method to PipelineModule (or drop the "
+                    "key)"
+                )
+        if cfg.seed_layers is not None and cfg.seed_layers != self.seed_layers:
+            raise ConfigError(
+                f"pipeline.seed_layers={cfg.seed_layers} but the PipelineModule was built with "
+                f"seed_layers={self.seed_layers}; layers are built before the engine, so "
+                "pass seed_layers to PipelineModule (or drop the key)"
+            )
 
     def set_checkpoint_interval(self, interval: int) -> None:
         if interval < 0:

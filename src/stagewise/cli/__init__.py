@@ -37,7 +37,7 @@ def _simulate(argv: list[str]) -> int:
 
 
 def _export(argv: list[str]) -> int:
-    from stagewise.checkpoint import export_main
+    from stagewise.cli.export import export_main
 
     return export_main(argv)
 

@@ -1,4 +1,4 @@
-"""Entry points: set up torch.distributed, build an engine, repeat a loader."""
+"""Entry points: set up torch.distributed and build an engine (``deepspeed.initialize``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import datetime
 import logging
 import os
 import socket
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -16,7 +15,7 @@ from stagewise.config import Config
 from stagewise.engine import PipelineEngine
 from stagewise.module import PipelineModule
 
-__all__ = ["RepeatingLoader", "init_distributed", "initialize"]
+__all__ = ["init_distributed", "initialize"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,24 +65,6 @@ def init_distributed(
         logger.info("stagewise: %s process group of %d ranks", backend, world_size)
 
 
-class RepeatingLoader:
-    """Wraps an iterable and restarts it when it is exhausted (DeepSpeed's RepeatingLoader)."""
-
-    def __init__(self, loader: Iterable[Any]) -> None:
-        self.loader = loader
-        self.data_iter = iter(self.loader)
-
-    def __iter__(self) -> Iterator[Any]:
-        return self
-
-    def __next__(self) -> Any:
-        try:
-            return next(self.data_iter)
-        except StopIteration:
-            self.data_iter = iter(self.loader)
-            return next(self.data_iter)
-
-
 def initialize(
     model: PipelineModule | None = None,
     optimizer: Any = None,
@@ -109,12 +90,33 @@ def initialize(
             the config's ``scheduler``.
         training_data: a ``torch.utils.data.Dataset`` to read micro-batches from.
         collate_fn: for the DataLoader built over ``training_data``.
+        args: an ``argparse`` namespace whose ``deepspeed_config`` names the config.
+        config_params: the config, as DeepSpeed's older keyword.
+        mpu: must be None: a pipeline's model-parallel unit is its module's grid
+            (``model.mpu()``), as in DeepSpeed.
+        dist_init_required: False forbids setting up ``torch.distributed`` here (it must
+            be up already); None or True set it up when it is not.
 
     Returns:
         ``(engine, optimizer, training_dataloader, lr_scheduler)``.
+
+    Raises:
+        ValueError: no model, an ``mpu`` other than the module's grid, or no process
+            group with ``dist_init_required=False``.
     """
     if model is None:
         raise ValueError("stagewise.initialize needs model=<a PipelineModule>")
+    if mpu is not None and not (isinstance(model, PipelineModule) and mpu is model.mpu()):
+        raise ValueError(
+            "initialize(mpu=...) must be None for a pipeline: the PipelineModule's grid "
+            "(model.mpu()) is its model-parallel unit; give the topology to PipelineModule "
+            "(topology=PipeModelDataParallelTopology(...)) instead"
+        )
+    if dist_init_required is False and not dist.is_initialized():
+        raise ValueError(
+            "dist_init_required=False but torch.distributed is not initialized; call "
+            "stagewise.init_distributed() first or leave dist_init_required unset"
+        )
     if config is None:
         config = config_params
     if config is None and args is not None:

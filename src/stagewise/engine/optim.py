@@ -1,0 +1,176 @@
+"""The optimizer step: the optimizer and scheduler by name, fp16 loss scaling, the step itself.
+
+``OptimizerStep`` runs :meth:`Stepper.step`: with fp16, an overflow check over
+every rank (a skipped step halves the loss scale), unscaling, clipping by the
+global norm, the optimizer's step, the scheduler's step, and the counters.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from stagewise.checkpoint import TrainingCounters
+from stagewise.collectives import Collectives
+from stagewise.config import Config
+from stagewise.engine.grad_step import GradientReducer
+from stagewise.errors import ConfigError
+from stagewise.lr_schedules import build_lr_scheduler
+from stagewise.split_backward import WeightGradStore
+
+__all__ = ["LossScaler", "Stepper", "build_lr_scheduler_for", "optimizer_from_config"]
+
+logger = logging.getLogger(__name__)
+
+
+def optimizer_from_config(name: str, params: dict[str, Any], model_params: Any) -> Any:
+    """A ``torch.optim`` optimizer by (DeepSpeed) name, e.g. ``Adam``, ``AdamW``, ``SGD``."""
+    kwargs = dict(params)
+    lowered = name.lower()
+    if lowered == "adam":
+        # DeepSpeed's "Adam" decouples weight decay (AdamW) unless adam_w_mode is false.
+        adam_w_mode = kwargs.pop("adam_w_mode", True)
+        kwargs.pop("torch_adam", None)
+        cls: Any = torch.optim.AdamW if adam_w_mode else torch.optim.Adam
+    elif lowered == "adamw":
+        kwargs.pop("adam_w_mode", None)
+        kwargs.pop("torch_adam", None)
+        cls = torch.optim.AdamW
+    else:
+        by_lower = {
+            n.lower(): getattr(torch.optim, n)
+            for n in dir(torch.optim)
+            if isinstance(getattr(torch.optim, n), type)
+            and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)
+        }
+        cls = by_lower.get(lowered)
+        if cls is None:
+            raise ConfigError(
+                f"unknown optimizer.type {name!r}; use one of torch.optim's optimizers "
+                f"({', '.join(sorted(c.__name__ for c in by_lower.values()))})"
+            )
+    try:
+        return cls(model_params, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"optimizer {name!r} rejected its params {params}: {exc}") from None
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 (DeepSpeed's defaults)."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.dynamic = cfg.loss_scale == 0
+        self.scale = float(2**cfg.initial_scale_power) if self.dynamic else float(cfg.loss_scale)
+        self.window = cfg.loss_scale_window
+        self.min_scale = cfg.min_loss_scale
+        self.hysteresis = cfg.hysteresis
+        self._hysteresis_left = cfg.hysteresis
+        self._good_steps = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The dynamic part of the scaler (its settings come from the config)."""
+        return {
+            "scale": self.scale,
+            "good_steps": self._good_steps,
+            "hysteresis_left": self._hysteresis_left,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scale = float(state["scale"])
+        self._good_steps = int(state["good_steps"])
+        self._hysteresis_left = int(state["hysteresis_left"])
+
+    def update(self, overflow: bool) -> None:
+        if not self.dynamic:
+            return
+        if overflow:
+            self._good_steps = 0
+            if self._hysteresis_left <= 1:
+                self.scale = max(self.scale / 2, self.min_scale)
+            else:
+                self._hysteresis_left -= 1
+            return
+        self._good_steps += 1
+        if self._good_steps % self.window == 0:
+            self.scale *= 2
+            self._hysteresis_left = self.hysteresis
+
+
+def build_lr_scheduler_for(config: Config, optimizer: Any, lr_scheduler: Any) -> Any:
+    """The scheduler given to ``initialize``, or built from the config's ``scheduler``.
+
+    A callable that is not a scheduler is called with the optimizer (DeepSpeed's
+    ``lr_scheduler=lambda opt: ...``).
+    """
+    if lr_scheduler is None and config.scheduler is not None:
+        if optimizer is None:
+            raise ConfigError("a scheduler is configured but there is no optimizer")
+        return build_lr_scheduler(config.scheduler.type, optimizer, config.scheduler.params)
+    if lr_scheduler is not None and not hasattr(lr_scheduler, "step") and callable(lr_scheduler):
+        return lr_scheduler(optimizer)
+    return lr_scheduler
+
+
+@dataclass
+class Stepper:
+    """What one ``OptimizerStep`` needs.
+
+    Attributes:
+        optimizer: the optimizer over this rank's parameters.
+        lr_scheduler: stepped after every optimizer step (or None).
+        loss_scaler: fp16's dynamic loss scale (or None).
+        reducer: the gradient collectives (clipping by the global norm).
+        clipping: the global norm to clip to; 0 disables.
+        counters: the step counters, advanced here.
+        collectives: for the overflow vote over every rank.
+        device: where the vote's tensor lives.
+        weight_store: keeps the linear weight-gradient buffers for the next step.
+        linear_weights: the weights whose gradient buffers are kept.
+    """
+
+    optimizer: Any
+    lr_scheduler: Any
+    loss_scaler: LossScaler | None
+    reducer: GradientReducer
+    clipping: float
+    counters: TrainingCounters
+    collectives: Collectives
+    device: torch.device
+    weight_store: WeightGradStore
+    linear_weights: list[torch.Tensor]
+
+    def _overflowed(self, grads: list[torch.Tensor]) -> bool:
+        flag = torch.tensor(
+            [0.0 if all(bool(torch.isfinite(g).all()) for g in grads) else 1.0],
+            device=self.device,
+        )
+        self.collectives.all_reduce(flag, "checking fp16 overflow", op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def step(self, *_: Any) -> None:
+        """Unscale and clip the gradients, step the optimizer and the scheduler."""
+        grads = self.reducer.gradients()
+        scaler = self.loss_scaler
+        if scaler is not None:
+            overflow = self._overflowed(grads)
+            scaler.update(overflow)
+            if overflow:
+                self.counters.skipped_steps += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                logger.info("fp16 overflow: step skipped, loss scale now %g", scaler.scale)
+                return
+            for grad in grads:
+                grad.div_(scaler.scale)
+        if self.clipping > 0:
+            self.reducer.clip(self.clipping)
+        self.optimizer.step()
+        if self.weight_store.enabled:
+            self.weight_store.keep_buffers(self.linear_weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.counters.global_steps += 1

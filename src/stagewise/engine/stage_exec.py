@@ -1,0 +1,178 @@
+"""The stage executor: one micro-batch's load, forward, backward and loss on this stage.
+
+Each method runs one instruction on the :class:`~stagewise.engine.state.BatchState`
+of the batch. The last virtual stage turns its output into the micro-batch's
+loss (``loss_fn(outputs, labels)``), divided by the number of micro-batches
+(and multiplied by the fp16 loss scale) before its backward.
+
+The backward comes whole (``B``) or split (``I`` then ``W``): the input-gradient
+pass differentiates towards the stage's inputs, with the weight-gradient work
+of routed layers left in a :class:`~stagewise.split_backward.WeightGradStore`
+that the weight pass runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from stagewise.engine.state import BatchState, Key, as_tuple, to_device
+from stagewise.errors import PipelineError
+from stagewise.module import PipelineModule
+from stagewise.schedule import BufferOpInstruction
+from stagewise.schedule.routes import ChunkRoutes
+from stagewise.split_backward import WeightGradStore
+
+__all__ = ["StageExecutor"]
+
+
+def _key(instr: BufferOpInstruction) -> Key:
+    return instr.chunk_id, instr.buffer_id
+
+
+class StageExecutor:
+    """Runs this stage's share of each micro-batch.
+
+    Args:
+        module: this rank's layers.
+        routes: this stage's routes, one per chunk (which chunks are first or last).
+        device: where inputs and labels go.
+        autocast: a fresh autocast context (or a null one) per forward.
+        loss_scale: the factor of the loss before its backward, besides
+            ``1 / micro_batches`` (the fp16 loss scale, else 1).
+        weight_store: where routed layers leave their weight-gradient work.
+    """
+
+    def __init__(
+        self,
+        module: PipelineModule,
+        routes: list[ChunkRoutes],
+        device: torch.device,
+        autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+        loss_scale: Callable[[], float],
+        weight_store: WeightGradStore,
+    ) -> None:
+        self.module = module
+        self.routes = routes
+        self.device = device
+        self.autocast = autocast
+        self.loss_scale = loss_scale
+        self.weight_store = weight_store
+        self._holds_both_ends = any(r.first for r in routes) and any(r.last for r in routes)
+
+    # -- data ---------------------------------------------------------------------------
+    def load(self, instr: BufferOpInstruction, batch: BatchState) -> None:
+        """Read a micro-batch: inputs on the first virtual stage, labels on the last."""
+        key, role = _key(instr), self.routes[instr.chunk_id]
+        # A stage holding both ends in different chunks (a V) reads each micro-batch once.
+        if role.last and not role.first and instr.micro_batch_id in batch.batches:
+            data = batch.batches.pop(instr.micro_batch_id)
+        else:
+            data = batch.next_micro_batch()
+            if role.first and not role.last and self._holds_both_ends:
+                batch.batches[instr.micro_batch_id] = data
+        if role.first:
+            batch.inputs[key] = tuple(
+                t.detach().to(self.device) if isinstance(t, torch.Tensor) else t
+                for t in as_tuple(data[0])
+            )
+        if role.last:
+            batch.labels[key] = to_device(data[1], self.device)
+
+    def accept_input(
+        self, instr: BufferOpInstruction, batch: BatchState, tensors: list[torch.Tensor]
+    ) -> None:
+        """Keep a received activation as the chunk's input (a leaf wanting grad, to train)."""
+        if batch.mode.training:
+            tensors = [t.detach().requires_grad_() if t.is_floating_point() else t for t in tensors]
+        batch.inputs[_key(instr)] = tuple(tensors)
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(self, instr: BufferOpInstruction, batch: BatchState) -> None:
+        """Run the chunk's layers; the last virtual stage adds the loss."""
+        key, mode = _key(instr), batch.mode
+        last = self.routes[instr.chunk_id].last
+        inputs = batch.inputs.get(key)
+        if inputs is None:
+            raise PipelineError(
+                f"{instr!r} has no input (no LoadMicroBatch or RecvActivation before it); the "
+                "schedule is wrong"
+            )
+        x: Any = inputs[0] if len(inputs) == 1 else inputs
+        with self.autocast():
+            outputs = self.module(x, chunk_id=instr.chunk_id)
+            if last:
+                if mode.compute_loss and self.module.loss_fn is not None:
+                    loss = self.module.loss_fn(outputs, batch.labels.pop(key, None))
+                else:
+                    loss = outputs
+        if not last:
+            batch.outputs[key] = outputs
+        else:
+            if mode.return_logits:
+                batch.logits.append(None if mode.training else outputs)
+            batch.losses.append(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+            if mode.training:
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    shape = (
+                        f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""
+                    )
+                    raise PipelineError(
+                        "the loss of a micro-batch must be a scalar tensor to train; loss_fn "
+                        f"returned {type(loss).__name__}{shape}"
+                    )
+                batch.outputs[key] = loss
+        if not mode.training:
+            del batch.inputs[key]
+
+    # -- backward -----------------------------------------------------------------------
+    def _roots(self, key: Key, batch: BatchState) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The tensors to differentiate and their incoming gradients."""
+        outputs = batch.outputs.pop(key)
+        if self.routes[key[0]].last:
+            return [outputs * (self.loss_scale() / batch.mode.micro_batches)], []
+        grads = batch.output_grads.pop(key)
+        floats = [t for t in as_tuple(outputs) if t.is_floating_point()]
+        roots, root_grads = [], []
+        for out, grad in zip(floats, grads, strict=True):
+            if out.requires_grad:
+                roots.append(out)
+                root_grads.append(grad)
+        return roots, root_grads
+
+    def _grad_inputs(self, key: Key, batch: BatchState) -> list[torch.Tensor]:
+        """The floating-point inputs received from the previous stage (which want grads)."""
+        if self.routes[key[0]].first:
+            return []
+        return [t for t in batch.inputs[key] if t.is_floating_point()]
+
+    def _keep_input_grads(self, key: Key, batch: BatchState) -> None:
+        inputs = self._grad_inputs(key, batch)
+        batch.input_grads[key] = [
+            t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs
+        ]
+        batch.inputs.pop(key, None)
+
+    def backward(self, instr: BufferOpInstruction, batch: BatchState) -> None:
+        """The whole backward of one micro-batch: input and weight gradients."""
+        key = _key(instr)
+        roots, root_grads = self._roots(key, batch)
+        if roots:
+            torch.autograd.backward(roots, root_grads or None)
+        self._keep_input_grads(key, batch)
+
+    def backward_input(self, instr: BufferOpInstruction, batch: BatchState) -> None:
+        """The backward with routed layers' weight gradients left for ``W``."""
+        key = _key(instr)
+        roots, root_grads = self._roots(key, batch)
+        if roots:
+            with self.weight_store.capturing(key):
+                torch.autograd.backward(roots, root_grads or None)
+        self._keep_input_grads(key, batch)
+
+    def backward_weight(self, instr: BufferOpInstruction, batch: BatchState) -> None:
+        """The weight gradients deferred by one micro-batch's ``I``."""
+        self.weight_store.flush(_key(instr))
