@@ -181,6 +181,15 @@ def _expect_error(rank: int, world_size: int, what: str) -> str:
             stagewise.initialize(model=module, config=config)
         elif what == "too_many_stages":
             stagewise.PipelineModule(layers=BASE_SPECS()[:1], num_stages=2)
+        elif what == "mpu":
+            module = build_pipeline(case)
+            stagewise.initialize(model=module, config=ds_config(case), mpu=object())
+        elif what == "own_mpu":
+            module = build_pipeline(case)
+            stagewise.initialize(model=module, config=ds_config(case), mpu=module.mpu())
+        elif what == "grid_group":
+            group = torch.distributed.new_group(ranks=[0, 1])
+            stagewise.PipelineParallelGrid(process_group=group)
     except Exception as exc:  # the message is what the test pins
         return f"{type(exc).__name__}: {exc}"
     return "no error"
@@ -214,6 +223,9 @@ def BASE_SPECS() -> list[Any]:
             r"partitioned with 'uniform'",
         ),
         ("partition_ok", r"^no error$"),
+        ("mpu", r"ValueError: initialize\(mpu=\.\.\.\) must be None for a pipeline"),
+        ("own_mpu", r"^no error$"),
+        ("grid_group", r"ValueError: PipelineParallelGrid\(process_group=\.\.\.\) must be None"),
     ],
 )
 def test_clear_errors(what: str, pattern: str) -> None:

@@ -1,0 +1,96 @@
+"""The config's sections: ``pipeline``, ``optimizer``, ``scheduler``, ``fp16``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from stagewise.config.keys import check_keys, typed
+from stagewise.errors import ConfigError
+
+__all__ = ["FP16Config", "OptimizerConfig", "PipelineConfig", "SchedulerConfig"]
+
+
+@dataclass
+class PipelineConfig:
+    """The ``pipeline`` section."""
+
+    # Which schedule trains: "1f1b" (DeepSpeed's TrainSchedule), "gpipe",
+    # "interleaved", "zb-h1" or "zbv".
+    schedule: str = "1f1b"
+    # Model chunks per stage for "interleaved" (default 2); "zbv" always runs 2.
+    virtual_stages: int | None = None
+    # Checkpoint activations every this many layers (overrides the module's when set).
+    activation_checkpoint_interval: int | None = None
+    # Must agree with the PipelineModule's (which already partitioned the layers).
+    partition_method: str | None = None
+    # Must agree with the PipelineModule's (which already built its layers).
+    seed_layers: bool | None = None
+    # The longest any wait on another rank may take before it is reported as dead.
+    timeout_s: float = 300.0
+    # Record every instruction's start and end (for timelines and Chrome traces).
+    record_timeline: bool = False
+    # How point-to-point messages are matched: "order" (by issue order alone, as NCCL
+    # does; the default everywhere) or "tags" (gloo's tags too, a debugging aid).
+    p2p_match: str = "order"
+    # DeepSpeed's keys, accepted for compatibility and unused here.
+    stages: Any = "auto"
+    partition: Any = "best"
+    pipe_partitioned: bool = True
+    grad_partitioned: bool = True
+    use_reentrant: bool = False
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PipelineConfig:
+        check_keys("pipeline", data, [f.name for f in fields(cls)])
+        out = cls(**data)
+        p = "pipeline."
+        typed(p, "schedule", out.schedule, str)
+        typed(p, "timeout_s", out.timeout_s, (int, float))
+        if out.virtual_stages is not None and (
+            typed(p, "virtual_stages", out.virtual_stages, int) < 1
+        ):
+            raise ConfigError(f"pipeline.virtual_stages must be >= 1, got {out.virtual_stages}")
+        if typed(p, "p2p_match", out.p2p_match, str) not in ("order", "tags"):
+            raise ConfigError(
+                f"pipeline.p2p_match must be 'order' or 'tags', got {out.p2p_match!r}"
+            )
+        if out.timeout_s <= 0:
+            raise ConfigError(f"pipeline.timeout_s must be > 0, got {out.timeout_s}")
+        if out.activation_checkpoint_interval is not None:
+            typed(p, "activation_checkpoint_interval", out.activation_checkpoint_interval, int)
+        return out
+
+
+@dataclass
+class OptimizerConfig:
+    """The ``optimizer`` section: a ``torch.optim`` class by name and its arguments."""
+
+    type: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SchedulerConfig:
+    """The ``scheduler`` section: a DeepSpeed or ``torch.optim.lr_scheduler`` name."""
+
+    type: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FP16Config:
+    """The ``fp16`` section: half precision with dynamic loss scaling."""
+
+    enabled: bool = False
+    # 0 means dynamic loss scaling; any other value is a fixed scale.
+    loss_scale: float = 0.0
+    # The dynamic scale starts at 2**initial_scale_power.
+    initial_scale_power: int = 16
+    # Steps without overflow before the scale doubles.
+    loss_scale_window: int = 1000
+    # Overflows tolerated before the scale halves.
+    hysteresis: int = 2
+    # The scale never drops below this.
+    min_loss_scale: float = 1.0
+    auto_cast: bool = True
