@@ -50,3 +50,12 @@ def test_zero_bubble_on_four_stages_with_eval() -> None:
     case = schedule_case("zb-h1", 4, micro_batches=8, eval=True)
     results = run_distributed(train_pipeline, 4, case)
     check_against_reference(case, results)
+
+
+@pytest.mark.parametrize("schedule", ["zb-h1", "zbv"])
+def test_split_backward_under_bf16_and_checkpointing_on_gpt(schedule: str) -> None:
+    # The general split: every parameter (embedding, norms, attention, linears) waits for W,
+    # under autocast, with the checkpointed activations kept from I to W.
+    case = schedule_case(schedule, 2, model="gpt", mb_size=2, bf16=True, ckpt_interval=1)
+    results = run_distributed(train_pipeline, 2, case)
+    check_against_reference(case, results, rtol=2e-2, atol=2e-2)

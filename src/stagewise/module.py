@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from stagewise.backward.recompute import checkpoint as recompute_checkpoint
 from stagewise.dist_utils import default_device, require_dist
 from stagewise.errors import ConfigError
 from stagewise.grid import PipelineParallelGrid
@@ -39,7 +40,11 @@ PLACEMENTS = ("loop", "v")
 
 
 def non_reentrant_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
-    """``torch.utils.checkpoint`` without re-entry: works when no input needs a gradient."""
+    """``torch.utils.checkpoint`` without re-entry: works when no input needs a gradient.
+
+    The default is :func:`stagewise.backward.checkpoint`, which also works when no
+    input needs a gradient and recomputes once per backward when it is split.
+    """
     return torch_checkpoint(function, *args, use_reentrant=False)
 
 
@@ -87,7 +92,8 @@ class PipelineModule(nn.Module):
         partition_method: ``'parameters'``, ``'uniform'``, ``'type:REGEX'``,
             ``'profile'`` or an explicit list of boundaries.
         activation_checkpoint_interval: checkpoint every this many layers (0: off).
-        activation_checkpoint_func: the checkpoint function (non-reentrant torch default).
+        activation_checkpoint_func: the checkpoint function (default:
+            :func:`stagewise.backward.checkpoint`, non-reentrant, recomputing once).
         checkpointable_layers: class names that may be checkpointed (default: any
             layer with parameters).
         dynamic_shape: accepted for DeepSpeed compatibility; shapes between stages are
@@ -109,7 +115,7 @@ class PipelineModule(nn.Module):
         base_seed: int = 1234,
         partition_method: str | Sequence[int] = "parameters",
         activation_checkpoint_interval: int = 0,
-        activation_checkpoint_func: Callable[..., Any] = non_reentrant_checkpoint,
+        activation_checkpoint_func: Callable[..., Any] = recompute_checkpoint,
         checkpointable_layers: Sequence[str] | None = None,
         dynamic_shape: bool = False,
         virtual_stages: int = 1,

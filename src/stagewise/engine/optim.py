@@ -14,13 +14,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from stagewise.backward.linear import WeightGradStore
 from stagewise.checkpoint import TrainingCounters
 from stagewise.collectives import Collectives
 from stagewise.config import Config
 from stagewise.engine.grad_step import GradientReducer
 from stagewise.errors import ConfigError
 from stagewise.lr_schedules import build_lr_scheduler
-from stagewise.split_backward import WeightGradStore
 
 __all__ = ["LossScaler", "Stepper", "build_lr_scheduler_for", "optimizer_from_config"]
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from stagewise.backward.linear import WeightGradStore, route_linear_weight_grads
 from stagewise.checkpoint import TrainingCounters
 from stagewise.collectives import Collectives
 from stagewise.config import Config
@@ -55,7 +56,6 @@ from stagewise.schedule import (
 from stagewise.schedule.check import ScheduleFactory
 from stagewise.schedule.registry import schedule_factory
 from stagewise.schedule.routes import ChunkRoutes, stage_routes
-from stagewise.split_backward import WeightGradStore, route_linear_weight_grads
 
 __all__ = ["EngineParts", "build_parts", "handler_table", "link_groups"]
 
@@ -197,6 +197,7 @@ def build_parts(
         _autocast(config, device),
         (lambda: loss_scaler.scale) if loss_scaler is not None else (lambda: 1.0),
         weight_store,
+        splits_backward=_splits_backward(layout),
     )
     reducer = GradientReducer(module, grid, collectives, device)
     stepper = Stepper(

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from stagewise.backward.split import WeightPass
 from stagewise.errors import PipelineError
 
 __all__ = ["BatchState", "Key", "RunMode", "as_tuple", "read_micro_batch", "to_device"]
@@ -64,6 +65,7 @@ class BatchState:
             chunks (a V), kept for the other end, by micro-batch id.
         losses: per micro-batch, in order: the loss (or output, without a loss).
         logits: per micro-batch, the last stage's output (with ``return_logits``).
+        weight_passes: per key, the parameter gradients its ``I`` left for its ``W``.
     """
 
     mode: RunMode
@@ -76,6 +78,7 @@ class BatchState:
     batches: dict[int, Any] = field(default_factory=dict)
     losses: list[Any] = field(default_factory=list)
     logits: list[Any] = field(default_factory=list)
+    weight_passes: dict[Key, WeightPass] = field(default_factory=dict)
 
 
 def as_tuple(value: Any) -> tuple[Any, ...]:
