@@ -59,3 +59,12 @@ def test_split_backward_under_bf16_and_checkpointing_on_gpt(schedule: str) -> No
     case = schedule_case(schedule, 2, model="gpt", mb_size=2, bf16=True, ckpt_interval=1)
     results = run_distributed(train_pipeline, 2, case)
     check_against_reference(case, results, rtol=2e-2, atol=2e-2)
+
+
+def test_transfers_matched_by_tags_as_well() -> None:
+    # The default matches messages by their order on each link direction alone (NCCL's
+    # rule), which every test above runs; "tags" adds gloo's tags, as a debugging aid.
+    case = schedule_case(
+        "interleaved", 2, pipeline={"schedule": "interleaved", "p2p_match": "tags"}
+    )
+    check_against_reference(case, run_distributed(train_pipeline, 2, case))
