@@ -126,6 +126,9 @@ class OneReplica:
     def get_data_parallel_group_ranks(self) -> list[int]:
         return [0]
 
+    def get_global_rank(self) -> int:
+        return 0
+
 
 def _zero_optimizer(optimizer: Any, **cfg: Any) -> ZeroOptimizer:
     from stagewise.collectives import Collectives
@@ -166,6 +169,19 @@ def test_one_replica_steps_as_the_optimizer_and_round_trips_its_state() -> None:
     assert fresh.optimizer.param_groups[0]["lr"] == 0.1  # the saved hyperparameters
     (shard,) = fresh.optimizer.param_groups[0]["params"]
     torch.testing.assert_close(fresh.optimizer.state[shard]["exp_avg"], want["exp_avg"].view(-1))
+
+
+def test_keys_that_do_not_act_are_warned(caplog: pytest.LogCaptureFixture) -> None:
+    from stagewise.collectives import Collectives
+    from stagewise.engine.zero import build_zero
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    config = _zero({"stage": 1, "overlap_comm": True, "allgather_partitions": True})
+    with caplog.at_level("WARNING", logger="stagewise.engine.zero"):
+        zero = build_zero(config, torch.optim.SGD(params, lr=0.1), OneReplica(), Collectives(1, ""))  # type: ignore[arg-type]
+    assert isinstance(zero, ZeroOptimizer)
+    assert "zero_optimization at stage 1: overlap_comm=True ignored" in caplog.text
+    assert "allgather_partitions" not in caplog.text  # what stagewise does anyway
 
 
 def test_optimizers_that_cannot_be_sharded_are_named() -> None:

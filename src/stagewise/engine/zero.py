@@ -164,15 +164,6 @@ class ZeroOptimizer:
         """The optimizer's param groups (holding this rank's flat parts)."""
         return list(self.optimizer.param_groups)
 
-    def state_bytes(self) -> int:
-        """The bytes of this rank's optimizer state tensors."""
-        return sum(
-            value.numel() * value.element_size()
-            for state in self.optimizer.state.values()
-            for value in state.values()
-            if isinstance(value, torch.Tensor)
-        )
-
     # -- the step ---------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> None:
