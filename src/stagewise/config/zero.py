@@ -6,8 +6,8 @@ and 3 are an error: they shard gradients (and parameters), which a pipeline
 accumulates whole over its micro-batches until ``ReduceGrads`` (DeepSpeed's
 pipeline engine rejects them too).
 
-Every key of DeepSpeed 0.19.8's section is known (another is an error that
-names it). Two act here: ``reduce_bucket_size`` (elements per data-parallel
+Every key of DeepSpeed 0.19.8's section is known (another, including those
+0.19.8 removed, is an error that names it). Two act here: ``reduce_bucket_size`` (elements per data-parallel
 gradient all-reduce) and ``allgather_bucket_size`` (elements per all-gather
 of updated parameters). A key given with a value whose behaviour stagewise
 does not have is listed in :attr:`ZeroConfig.not_applied`, which the engine
@@ -73,8 +73,6 @@ _STAGE3 = (
     "stage3_use_all_reduce_for_fetch_params",
     "allgather_sequential",
     "stage3_allgather_sequential",
-    "mics_shard_size",
-    "mics_hierarchical_params_gather",
     "pipeline_loading_checkpoint",
     "override_module_apply",
     "log_trace_cache_warnings",
@@ -82,7 +80,6 @@ _STAGE3 = (
     "save_muon_momentum_buffer_in_memory",
     "leaf_module",
     "zenflow",
-    "zeropp_loco_param",
 )
 _KNOWN = [
     "stage",
