@@ -32,7 +32,12 @@ from stagewise.checkpoint.layout import (
 )
 from stagewise.checkpoint.load import load_checkpoint
 from stagewise.checkpoint.save import save_checkpoint
-from stagewise.checkpoint.state import CheckpointView, LoadResult, TrainingCounters
+from stagewise.checkpoint.state import (
+    CheckpointView,
+    LoadResult,
+    ShardedOptimizer,
+    TrainingCounters,
+)
 from stagewise.errors import CheckpointError
 
 __all__ = [
@@ -43,6 +48,7 @@ __all__ = [
     "CheckpointView",
     "LayerTable",
     "LoadResult",
+    "ShardedOptimizer",
     "TrainingCounters",
     "export_checkpoint",
     "import_state_dict",

@@ -55,6 +55,9 @@ def agree_on_tag(view: CheckpointView, tag: str) -> int:
 def _write_rank_files(view: CheckpointView, tmp_dir: str, client_state: Mapping[str, Any]) -> None:
     """This rank's share of a checkpoint: its layers (data-parallel rank 0), its own state."""
     table, optimizer, suffix = view.table, view.optimizer, view.rank_repr
+    source = optimizer  # what the layers' optimizer files are read from
+    if view.sharded_optimizer is not None:  # ZeRO-1: every replica sends its share
+        source = view.sharded_optimizer.gather_unsharded()
     if view.writes_layers:
         for idx, layer in sorted(view.layers.items()):
             if idx not in table.module_files:
@@ -64,9 +67,9 @@ def _write_rank_files(view: CheckpointView, tmp_dir: str, client_state: Mapping[
                 os.path.join(tmp_dir, layer_file_name(idx, "model", suffix)),
             )
             has_params = any(True for _ in layer.parameters())
-            if optimizer is not None and table.owner(idx) == idx and has_params:
+            if source is not None and table.owner(idx) == idx and has_params:
                 save_file(
-                    layer_optimizer_state(optimizer, layer),
+                    layer_optimizer_state(source, layer, type(optimizer).__name__),
                     os.path.join(tmp_dir, layer_file_name(idx, "optim", suffix)),
                 )
     if view.global_rank == 0:

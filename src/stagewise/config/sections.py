@@ -36,8 +36,11 @@ class PipelineConfig:
     # DeepSpeed's keys, accepted for compatibility and unused here.
     stages: Any = "auto"
     partition: Any = "best"
-    pipe_partitioned: bool = True
-    grad_partitioned: bool = True
+    # DeepSpeed splits activations (gradients) over tensor-parallel slices between
+    # stages; here they travel whole. True with a model axis is an error; absent
+    # (DeepSpeed's default, true) or false: whole, with the same results.
+    pipe_partitioned: bool | None = None
+    grad_partitioned: bool | None = None
     use_reentrant: bool = False
 
     @classmethod

@@ -120,7 +120,9 @@ class Stepper:
     """What one ``OptimizerStep`` needs.
 
     Attributes:
-        optimizer: the optimizer over this rank's parameters.
+        optimizer: the optimizer over this rank's parameters (with ZeRO-1, the
+            :class:`~stagewise.engine.zero.ZeroOptimizer` around it: anything with
+            ``step()`` and ``zero_grad(set_to_none=...)``).
         lr_scheduler: stepped after every optimizer step (or None).
         loss_scaler: fp16's dynamic loss scale (or None).
         reducer: the gradient collectives (clipping by the global norm).

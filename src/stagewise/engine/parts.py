@@ -34,6 +34,7 @@ from stagewise.engine.results import Results
 from stagewise.engine.stage_exec import StageExecutor
 from stagewise.engine.state import BatchState
 from stagewise.engine.transfer import Links, Transfers
+from stagewise.engine.zero import ZeroOptimizer, build_zero
 from stagewise.errors import ConfigError
 from stagewise.grid import PipelineParallelGrid
 from stagewise.module import PipelineModule
@@ -78,6 +79,7 @@ class EngineParts:
     stepper: Stepper
     results: Results
     weight_store: WeightGradStore
+    zero: ZeroOptimizer | None = None  # ZeRO-1's sharding of ``optimizer`` (stage 1)
 
 
 def _check_layout(probe: PipeSchedule, module: PipelineModule, name: str) -> None:
@@ -134,6 +136,20 @@ def _autocast(config: Config, device: torch.device) -> Callable[[], Any]:
     return contextlib.nullcontext
 
 
+def _check_partitioned(config: Config, grid: PipelineParallelGrid) -> None:
+    """DeepSpeed's partitioned transfers between tensor-parallel stages are not done here."""
+    if grid.get_slice_parallel_world_size() == 1:
+        return  # no effect without tensor parallelism, in DeepSpeed too
+    for key in ("pipe_partitioned", "grad_partitioned"):
+        if getattr(config.pipeline, key):
+            raise ConfigError(
+                f"pipeline.{key}=true: stagewise sends activations and gradients whole between "
+                "stages (each tensor-parallel slice its own copy); it does not split them over "
+                f"the {grid.get_slice_parallel_world_size()} slices as DeepSpeed does. The "
+                f"results are the same: remove pipeline.{key} or set it to false"
+            )
+
+
 def _splits_backward(probe: PipeSchedule) -> bool:
     return any(isinstance(i, BackwardInputPass) for step in probe.steps() for i in step)
 
@@ -167,6 +183,8 @@ def build_parts(
     loss_scaler = LossScaler(config.fp16) if config.fp16.enabled else None
     counters = TrainingCounters()
     collectives = Collectives(pipe.timeout_s, describe(grid.get_global_rank()))
+    _check_partitioned(config, grid)
+    zero = build_zero(config.zero, optimizer, grid, collectives)
 
     routes = stage_routes(layout)
     links = Links(
@@ -199,9 +217,10 @@ def build_parts(
         weight_store,
         splits_backward=_splits_backward(layout),
     )
-    reducer = GradientReducer(module, grid, collectives, device)
+    bucket = config.zero.reduce_bucket_size if zero is not None else None
+    reducer = GradientReducer(module, grid, collectives, device, bucket)
     stepper = Stepper(
-        optimizer,
+        zero if zero is not None else optimizer,
         lr_scheduler,
         loss_scaler,
         reducer,
@@ -232,6 +251,7 @@ def build_parts(
         stepper=stepper,
         results=results,
         weight_store=weight_store,
+        zero=zero,
     )
 
 
