@@ -6,7 +6,8 @@ On disk (``save_dir/tag/``, ``tag`` defaulting to DeepSpeed's ``global_step{N}``
     layer_00-optim_states.pt      the optimizer state of that layer's parameters, by name
     engine_states.pt              global: step counters, scheduler, loss scale, topology
     rank_000-states.pt            per rank: RNG states of Python, NumPy and torch, client state
-    manifest.json                 every file of the checkpoint with its size, and the tied keys
+    manifest.json                 every file with its size, the tied keys, the module's
+                                  checkpoint_metadata (under "metadata")
     ../latest                     the newest tag (DeepSpeed's file)
 
 With a ``model`` axis in the topology the layer files carry DeepSpeed's suffix,
@@ -309,7 +310,13 @@ def _scan_files(tag_dir: str) -> dict[str, int]:
     }
 
 
-def _write_manifest(tag_dir: str, tag: str, kind: str, table: LayerTable) -> None:
+def _write_manifest(
+    tag_dir: str,
+    tag: str,
+    kind: str,
+    table: LayerTable,
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -318,6 +325,7 @@ def _write_manifest(tag_dir: str, tag: str, kind: str, table: LayerTable) -> Non
         "num_layers": table.num_layers,
         "tied": {key: list(indices) for key, indices in table.tied.items()},
         "files": _scan_files(tag_dir),
+        "metadata": dict(metadata or {}),
     }
     _write_text_atomic(os.path.join(tag_dir, MANIFEST), json.dumps(manifest, indent=1) + "\n")
 
@@ -608,7 +616,7 @@ def save_checkpoint(
     final = os.path.join(save_path, tag)
     if engine.global_rank == 0:
         try:
-            _write_manifest(tmp_dir, tag, "full", table)
+            _write_manifest(tmp_dir, tag, "full", table, engine.module.checkpoint_metadata)
             _commit_dir(tmp_dir, save_path, tag, save_latest)
         except Exception as exc:
             error = exc

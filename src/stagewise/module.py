@@ -162,6 +162,9 @@ class PipelineModule(nn.Module):
             list(checkpointable_layers) if checkpointable_layers is not None else None
         )
         self.dynamic_shape = dynamic_shape
+        # JSON-able facts about the model that save_checkpoint writes into the manifest
+        # under "metadata" (e.g. stagewise.hf's config, for export).
+        self.checkpoint_metadata: dict[str, Any] = {}
 
         num_parts = self.num_stages * self.num_chunks
         if self._num_layers < num_parts:
