@@ -9,9 +9,13 @@ Then, each in a fresh process (so each peak is its own):
   over a 2-process gloo group: each rank builds only its own layers and reads
   only their tensors.
 
-It prints each process's peak resident set size (``ru_maxrss``; interpreter,
-torch and transformers included in every one) and the ratio of each rank's to
-the whole load's::
+Each process then reads every parameter once (as a first forward pass would):
+``from_pretrained`` maps the safetensors file and reads pages lazily, so its
+memory is only paid when the weights are used (stagewise.hf copies its own
+layers' tensors out of the file as it reads them). It prints each process's
+peak resident set size (``ru_maxrss``; interpreter, torch and transformers
+included in every one), also right after loading, and the ratio of each
+rank's peak to the whole model's::
 
     python benchmarks/hf_memory.py            # about 2.5 GB of disk and 1-2 minutes
     python benchmarks/hf_memory.py --layers 4 --hidden 256   # a quick smaller run
@@ -36,6 +40,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _touch(module: Any) -> None:
+    """Read every parameter once, as a forward pass does (mapped file pages become resident)."""
+    for param in module.parameters():
+        float(param.detach().sum())
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -78,8 +88,16 @@ def _whole(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.dir, dtype=torch.float32)
     seconds = time.perf_counter() - start
+    loaded = _peak_mib()
+    _touch(model)
     params = sum(p.numel() for p in model.parameters())
-    return {"peak_mib": _peak_mib(), "before_mib": before, "params": params, "seconds": seconds}
+    return {
+        "peak_mib": _peak_mib(),
+        "loaded_mib": loaded,
+        "before_mib": before,
+        "params": params,
+        "seconds": seconds,
+    }
 
 
 def _rank(args: argparse.Namespace) -> dict[str, Any]:
@@ -94,10 +112,13 @@ def _rank(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     module = stagewise.hf.pipeline_module(args.dir, num_stages=2)
     seconds = time.perf_counter() - start
+    loaded = _peak_mib()
+    _touch(module)
     params = sum(p.numel() for p in module.parameters())
     dist.barrier()
     result = {
         "peak_mib": _peak_mib(),
+        "loaded_mib": loaded,
         "before_mib": before,
         "params": params,
         "seconds": seconds,
@@ -163,13 +184,15 @@ def main() -> None:
     )
     print(
         f"whole model, from_pretrained:   peak RSS {whole['peak_mib']:7.0f} MiB "
-        f"(after imports {whole['before_mib']:.0f} MiB, {whole['seconds']:.1f} s)"
+        f"(after imports {whole['before_mib']:.0f}, after loading {whole['loaded_mib']:.0f} "
+        f"MiB, {whole['seconds']:.1f} s)"
     )
     for r, rank in enumerate(ranks):
         print(
             f"rank {r} of 2 stages (layers {rank['layers'][0]}..{rank['layers'][-1]}, "
             f"{rank['params'] / 1e6:.1f}M parameters): peak RSS {rank['peak_mib']:7.0f} MiB "
-            f"(after imports {rank['before_mib']:.0f} MiB, {rank['seconds']:.1f} s), "
+            f"(after imports {rank['before_mib']:.0f}, after loading {rank['loaded_mib']:.0f} "
+            f"MiB, {rank['seconds']:.1f} s), "
             f"ratio {rank['peak_mib'] / whole['peak_mib']:.3f}"
         )
 

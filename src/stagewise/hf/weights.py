@@ -5,8 +5,8 @@ A :class:`WeightSource` answers three questions by Hugging Face tensor name
 shape, and what are its values. :class:`SafetensorsWeights` answers them from
 a model directory's ``*.safetensors`` files (one file, or shards with
 ``model.safetensors.index.json``) reading only the headers until a layer asks
-for its own tensors; :class:`StateDictWeights` answers them from a model
-already in memory.
+for its own tensors, and then only those tensors' bytes;
+:class:`StateDictWeights` answers them from a model already in memory.
 
 :func:`load_module` builds a layer's ``transformers`` module with its
 parameters on the meta device (no memory, no initialisation), then assigns
@@ -16,24 +16,29 @@ only its own layers reads only their tensors.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
+import math
 import os
+import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from stagewise.hf._deps import require
-
 __all__ = [
     "SafetensorsWeights",
     "StateDictWeights",
+    "TensorEntry",
     "WeightSource",
     "WeightsError",
     "building_on_meta",
     "load_module",
     "parameters_on_meta",
+    "read_safetensors_header",
 ]
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -44,7 +49,78 @@ class WeightsError(ValueError):
     """A model's weights are missing, or do not fit its config."""
 
 
-class WeightSource:
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lies in a safetensors file."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    stop: int
+
+
+# The safetensors format: 8 bytes (little-endian u64) of header length, a JSON header
+# {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then
+# the raw little-endian tensor bytes, offsets counted from the end of the header.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_MAX_HEADER = 100 * 2**20
+
+
+def read_safetensors_header(path: str) -> dict[str, TensorEntry]:
+    """The tensors of a safetensors file (names, dtypes, shapes, byte ranges); no data read.
+
+    Raises:
+        WeightsError: for a file that is not safetensors, or whose header is damaged.
+    """
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            length = struct.unpack("<Q", handle.read(8))[0]
+            if not 2 <= length <= min(_MAX_HEADER, size - 8):
+                raise ValueError(f"header length {length} does not fit a {size}-byte file")
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, struct.error) as exc:
+        raise WeightsError(
+            f"cannot read the safetensors header of {path} ({type(exc).__name__}: {exc}); "
+            "the file is torn or not safetensors"
+        ) from exc
+    base = 8 + length
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(str(info.get("dtype")))
+        begin, end = (int(v) for v in info.get("data_offsets", (-1, -1)))
+        shape = tuple(int(d) for d in info.get("shape", ()))
+        if dtype is None:
+            raise WeightsError(
+                f"tensor {name!r} in {path} has dtype {info.get('dtype')!r}, which stagewise.hf "
+                f"cannot read (it reads {', '.join(_SAFETENSORS_DTYPES)})"
+            )
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if begin < 0 or end - begin != nbytes or base + end > size:
+            raise WeightsError(
+                f"tensor {name!r} in {path} has byte range {begin}..{end} for shape {shape} "
+                f"({nbytes} bytes) in a {size}-byte file; the file is torn or damaged"
+            )
+        entries[name] = TensorEntry(dtype, shape, base + begin, base + end)
+    return entries
+
+
+class WeightSource(abc.ABC):
     """Tensors by Hugging Face name; subclasses say where they come from.
 
     ``base_prefix`` is the causal LM's base-model prefix (``"transformer."`` for
@@ -56,24 +132,28 @@ class WeightSource:
     def __init__(self, base_prefix: str = "") -> None:
         self.base_prefix = base_prefix
 
-    # -- what subclasses provide ------------------------------------------------------
+    @abc.abstractmethod
     def names(self) -> set[str]:
         """Every stored tensor name."""
-        raise NotImplementedError(f"{type(self).__name__} must implement names()")
 
+    @abc.abstractmethod
     def stored_shape(self, stored_name: str) -> tuple[int, ...]:
-        raise NotImplementedError(f"{type(self).__name__} must implement stored_shape()")
+        """The shape of a stored tensor."""
 
+    @abc.abstractmethod
     def where(self, stored_name: str) -> str:
         """The file (or object) that holds a tensor, for error messages."""
-        raise NotImplementedError(f"{type(self).__name__} must implement where()")
 
+    @abc.abstractmethod
     def read_stored(self, stored_names: Sequence[str]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError(f"{type(self).__name__} must implement read_stored()")
+        """The values of stored tensors, in memory of their own."""
 
+    @abc.abstractmethod
     def describe(self) -> str:
         """Where the weights come from, for error messages."""
-        raise NotImplementedError(f"{type(self).__name__} must implement describe()")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.describe()!r})"
 
     # -- lookup by Hugging Face name --------------------------------------------------
     def resolve(self, name: str) -> str | None:
@@ -124,8 +204,9 @@ class WeightSource:
 class SafetensorsWeights(WeightSource):
     """The ``*.safetensors`` weights of a model directory, read tensor by tensor.
 
-    Only the files' headers are read here; :meth:`read` opens each file with
-    ``safetensors.safe_open`` and copies out the tensors asked for.
+    Only the files' headers are read here. :meth:`read` reads the bytes of just the
+    tensors asked for into memory of their own (no mapping of the file: the file
+    may change afterwards, and no page of it stays resident).
 
     Raises:
         WeightsError: when the directory holds no safetensors weights (naming what it
@@ -136,7 +217,7 @@ class SafetensorsWeights(WeightSource):
         super().__init__(base_prefix)
         self.directory = os.fspath(directory)
         self._file_of: dict[str, str] = {}
-        self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+        self._headers: dict[str, dict[str, TensorEntry]] = {}
         index = os.path.join(self.directory, INDEX_FILE)
         if os.path.isfile(index):
             with open(index, encoding="utf-8") as handle:
@@ -182,33 +263,26 @@ class SafetensorsWeights(WeightSource):
             "or pass the config (AutoConfig.from_pretrained(DIR)) to start from random weights"
         )
 
-    def _header(self, path: str) -> dict[str, tuple[int, ...]]:
-        if path not in self._shapes:
-            safetensors = require("safetensors")
-            try:
-                with safetensors.safe_open(path, framework="pt") as handle:
-                    self._shapes[path] = {
-                        name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()
-                    }
-            except Exception as exc:
-                raise WeightsError(
-                    f"cannot read the safetensors header of {path} ({type(exc).__name__}: "
-                    f"{exc}); the file is torn or not safetensors"
-                ) from exc
-        return self._shapes[path]
+    def _header(self, path: str) -> dict[str, TensorEntry]:
+        if path not in self._headers:
+            self._headers[path] = read_safetensors_header(path)
+        return self._headers[path]
+
+    def _entry(self, stored_name: str) -> TensorEntry:
+        path = self._file_of[stored_name]
+        entries = self._header(path)
+        if stored_name not in entries:
+            raise WeightsError(
+                f"{os.path.join(self.directory, INDEX_FILE)} puts tensor {stored_name!r} in "
+                f"{path}, which does not hold it; the sharded checkpoint is damaged"
+            )
+        return entries[stored_name]
 
     def names(self) -> set[str]:
         return set(self._file_of)
 
     def stored_shape(self, stored_name: str) -> tuple[int, ...]:
-        path = self._file_of[stored_name]
-        shapes = self._header(path)
-        if stored_name not in shapes:
-            raise WeightsError(
-                f"{os.path.join(self.directory, INDEX_FILE)} puts tensor {stored_name!r} in "
-                f"{path}, which does not hold it; the sharded checkpoint is damaged"
-            )
-        return shapes[stored_name]
+        return self._entry(stored_name).shape
 
     def where(self, stored_name: str) -> str:
         return self._file_of[stored_name]
@@ -217,15 +291,20 @@ class SafetensorsWeights(WeightSource):
         return self.directory
 
     def read_stored(self, stored_names: Sequence[str]) -> dict[str, torch.Tensor]:
-        safetensors = require("safetensors")
         by_file: dict[str, list[str]] = {}
         for name in stored_names:
             by_file.setdefault(self._file_of[name], []).append(name)
         out: dict[str, torch.Tensor] = {}
         for path, names in sorted(by_file.items()):
-            with safetensors.safe_open(path, framework="pt", device="cpu") as handle:
-                for name in names:
-                    out[name] = handle.get_tensor(name)
+            with open(path, "rb") as handle:
+                for name in sorted(names, key=lambda n: self._entry(n).start):
+                    entry = self._entry(name)
+                    raw = torch.empty(entry.stop - entry.start, dtype=torch.uint8)
+                    handle.seek(entry.start)
+                    buffer: Any = raw.numpy()  # a writable view of raw's bytes
+                    if handle.readinto(buffer) != raw.numel():
+                        raise WeightsError(f"{path} ended inside tensor {name!r}; it is torn")
+                    out[name] = raw.view(entry.dtype).reshape(entry.shape)
         return out
 
 
