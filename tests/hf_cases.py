@@ -151,7 +151,10 @@ def engine_config(case: dict[str, Any]) -> dict[str, Any]:
 
 def build_engine(model_dir: str, case: dict[str, Any]) -> Any:
     module = stagewise.hf.pipeline_module(
-        model_dir, num_stages=case["stages"], partition_method=case.get("partition", "uniform")
+        model_dir,
+        num_stages=case["stages"],
+        partition_method=case.get("partition", "uniform"),
+        activation_checkpoint_interval=case.get("ckpt_interval", 0),
     )
     engine, _, _, _ = stagewise.initialize(model=module, config=engine_config(case))
     return engine

@@ -65,13 +65,21 @@ def test_llama_family_logits_with_sliding_windows(tmp_path: Path, name: str) -> 
 
 
 @pytest.mark.parametrize(
-    ("name", "dp"),
-    [("gpt2", 1), ("gpt2", 2), ("llama", 1), ("llama", 2)],
-    ids=["tied-2stages", "tied-2stages-2dp", "untied-2stages", "untied-2stages-2dp"],
+    ("name", "dp", "ckpt_interval"),
+    [("gpt2", 1, 0), ("gpt2", 2, 0), ("llama", 1, 0), ("llama", 2, 0), ("llama", 1, 1)],
+    ids=[
+        "tied-2stages",
+        "tied-2stages-2dp",
+        "untied-2stages",
+        "untied-2stages-2dp",
+        "untied-2stages-activation-checkpointing",
+    ],
 )
-def test_training_losses_equal_transformers(tmp_path: Path, name: str, dp: int) -> None:
+def test_training_losses_equal_transformers(
+    tmp_path: Path, name: str, dp: int, ckpt_interval: int
+) -> None:
     model_dir = make_model_dir(name, tmp_path / "model")
-    case = {"stages": 2, "dp": dp, "steps": 5, "micro_batches": 2}
+    case = {"stages": 2, "dp": dp, "steps": 5, "micro_batches": 2, "ckpt_interval": ckpt_interval}
     results = run_distributed(pipeline_train, 2 * dp, model_dir, case, timeout=240)
     want = torch.tensor(reference_train(model_dir, case))
     for result in results:
