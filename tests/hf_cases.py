@@ -218,3 +218,27 @@ def reference_logits(model: Any, data: list[Any]) -> list[torch.Tensor]:
             ids, mask = inputs if isinstance(inputs, tuple) else (inputs, None)
             out.append(model(ids, attention_mask=mask).logits)
     return out
+
+
+def tensors_read(rank: int, world_size: int, model_dir: str) -> dict[str, Any]:
+    """Build 2 stages; return the tensor names this rank read and those its layers hold."""
+    from stagewise.hf.weights import SafetensorsWeights
+
+    read: list[str] = []
+    original = SafetensorsWeights.read_stored
+
+    def spy(self: SafetensorsWeights, names: Any) -> dict[str, torch.Tensor]:
+        read.extend(names)
+        return original(self, names)
+
+    SafetensorsWeights.read_stored = spy  # type: ignore[method-assign]
+    try:
+        module = stagewise.hf.pipeline_module(model_dir, num_stages=world_size)
+    finally:
+        SafetensorsWeights.read_stored = original  # type: ignore[method-assign]
+    held = set()
+    for idx in module.local_layer_ids():
+        layer = module.layer_module(idx)
+        if isinstance(layer, stagewise.hf.HFLayer):
+            held.update(layer.hf_names().values())
+    return {"read": read, "held": held}

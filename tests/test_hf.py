@@ -20,6 +20,7 @@ from hf_cases import (
     pipeline_train,
     reference_logits,
     reference_train,
+    tensors_read,
 )
 from stagewise.cli import main as cli_main
 
@@ -50,6 +51,19 @@ def test_logits_equal_transformers(tmp_path: Path, name: str, stages: int) -> No
             with torch.no_grad():
                 losses.append(reference(ids, attention_mask=mask, labels=labels).loss)
         torch.testing.assert_close(loss, torch.stack(losses).mean(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_each_rank_reads_only_its_own_layers(tmp_path: Path, name: str) -> None:
+    model_dir = make_model_dir(name, tmp_path / "model")
+    results = run_distributed(tensors_read, 2, model_dir, timeout=120)
+    everything = set(_safetensors(tmp_path / "model"))
+    for result in results:
+        assert len(result["read"]) == len(set(result["read"]))  # each tensor once
+        assert set(result["read"]) == result["held"]
+        assert len(result["held"]) < len(everything)
+    # Together the stages read the whole model (GPT-2's tied embedding on both ends).
+    assert set(results[0]["read"]) | set(results[1]["read"]) == everything
 
 
 @pytest.mark.parametrize("name", ["mistral", "qwen2", "llama_tied"])
