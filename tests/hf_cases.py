@@ -160,33 +160,58 @@ def build_engine(model_dir: str, case: dict[str, Any]) -> Any:
     return engine
 
 
-def pipeline_logits(rank: int, world_size: int, model_dir: str, case: dict[str, Any]) -> Any:
-    """Per padded/unpadded: (mean loss, the last stage's logits of every micro-batch)."""
-    engine = build_engine(model_dir, case)
-    dp_rank = engine.grid.get_data_parallel_rank()
-    out = {}
+def pipeline_run(rank: int, world_size: int, model_dir: str, case: dict[str, Any]) -> Any:
+    """One rank of the pipeline, evaluated before (and after) training.
+
+    Returns, per ``padded`` in (False, True), the eval_batch result (mean loss, the last
+    stage's logits of every micro-batch); ``"read"``: the tensor names this rank read
+    from the directory and ``"held"``: those its layers hold. With ``case["save"]``
+    the untrained model is saved there; with ``case["train_steps"]`` it then trains,
+    saves to ``case["trained_save"]`` and ``"trained"`` is the eval_batch of batch 99.
+    """
+    from stagewise.hf.weights import SafetensorsWeights
+
+    read: list[str] = []
+    original = SafetensorsWeights.read_stored
+
+    def spy(self: SafetensorsWeights, names: Any) -> dict[str, torch.Tensor]:
+        read.extend(names)
+        return original(self, names)
+
+    SafetensorsWeights.read_stored = spy  # type: ignore[method-assign]
+    try:
+        engine = build_engine(model_dir, case)
+    finally:
+        SafetensorsWeights.read_stored = original  # type: ignore[method-assign]
+    module = engine.module
+    held: set[str] = set()
+    for idx in module.local_layer_ids():
+        layer = module.layer_module(idx)
+        if isinstance(layer, stagewise.hf.HFLayer):
+            held.update(layer.hf_names().values())
+    out: dict[Any, Any] = {"read": read, "held": held}
+    m = case.get("micro_batches", 2)
     for padded in (False, True):
-        data = batches(0, case.get("micro_batches", 2), 1, dp_rank, padded)
-        out[padded] = engine.eval_batch(iter(data), return_logits=True)
+        out[padded] = engine.eval_batch(iter(batches(0, m, 1, 0, padded)), return_logits=True)
+    if case.get("save"):
+        engine.save_checkpoint(case["save"])
+    if case.get("train_steps"):
+        for step in range(case["train_steps"]):
+            engine.train_batch(iter(batches(step, m, 1, 0, True)))
+        engine.save_checkpoint(case["trained_save"])
+        out["trained"] = engine.eval_batch(iter(batches(99, m, 1, 0, True)), return_logits=True)
     return out
 
 
 def pipeline_train(rank: int, world_size: int, model_dir: str, case: dict[str, Any]) -> Any:
-    """Train ``case["steps"]`` batches; the losses, and the checkpoint when asked."""
+    """Train ``case["steps"]`` batches; the losses."""
     engine = build_engine(model_dir, case)
     dp, dp_rank = case.get("dp", 1), engine.grid.get_data_parallel_rank()
     m = case.get("micro_batches", 2)
-    losses = [
+    return [
         float(engine.train_batch(iter(batches(step, m, dp, dp_rank, case.get("padded", True)))))
         for step in range(case["steps"])
     ]
-    result: dict[str, Any] = {"losses": losses}
-    if case.get("save"):
-        engine.save_checkpoint(case["save"])
-        result["eval"] = engine.eval_batch(
-            iter(batches(99, m, dp, dp_rank, True)), return_logits=True
-        )
-    return result
 
 
 def reference_train(model_dir: str, case: dict[str, Any]) -> list[float]:
@@ -218,27 +243,3 @@ def reference_logits(model: Any, data: list[Any]) -> list[torch.Tensor]:
             ids, mask = inputs if isinstance(inputs, tuple) else (inputs, None)
             out.append(model(ids, attention_mask=mask).logits)
     return out
-
-
-def tensors_read(rank: int, world_size: int, model_dir: str) -> dict[str, Any]:
-    """Build 2 stages; return the tensor names this rank read and those its layers hold."""
-    from stagewise.hf.weights import SafetensorsWeights
-
-    read: list[str] = []
-    original = SafetensorsWeights.read_stored
-
-    def spy(self: SafetensorsWeights, names: Any) -> dict[str, torch.Tensor]:
-        read.extend(names)
-        return original(self, names)
-
-    SafetensorsWeights.read_stored = spy  # type: ignore[method-assign]
-    try:
-        module = stagewise.hf.pipeline_module(model_dir, num_stages=world_size)
-    finally:
-        SafetensorsWeights.read_stored = original  # type: ignore[method-assign]
-    held = set()
-    for idx in module.local_layer_ids():
-        layer = module.layer_module(idx)
-        if isinstance(layer, stagewise.hf.HFLayer):
-            held.update(layer.hf_names().values())
-    return {"read": read, "held": held}
