@@ -7,7 +7,9 @@ then, under ``torchrun --nproc_per_node 2``::
 
     stagewise.init_distributed()
     model = stagewise.hf.pipeline_module("path/to/model", num_stages=2)
-    engine, _, _, _ = stagewise.initialize(model=model, config={...})
+    engine, _, _, _ = stagewise.initialize(model=model, config={
+    "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 4,
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}})
     loss = engine.train_batch(iter([((input_ids, attention_mask), labels)] * 4))
     engine.save_checkpoint("ckpt")
 
