@@ -170,8 +170,8 @@ class PipelineModule(nn.Module):
             list(checkpointable_layers) if checkpointable_layers is not None else None
         )
         self.dynamic_shape = dynamic_shape
-        # JSON-able facts about the model that checkpoints keep in their manifest (an
-        # adapter records, e.g., the Hugging Face config it was built from).
+        # JSON-able facts about the model that save_checkpoint writes into the manifest
+        # under "metadata" (e.g. stagewise.hf's config, for export).
         self.checkpoint_metadata: dict[str, Any] = {}
 
         num_parts = self.num_stages * self.num_chunks

@@ -29,6 +29,7 @@ from stagewise.checkpoint.layout import (
     rank_file_name,
     read_latest,
     read_manifest,
+    verify_manifest,
 )
 from stagewise.checkpoint.load import load_checkpoint
 from stagewise.checkpoint.save import save_checkpoint
@@ -60,4 +61,5 @@ __all__ = [
     "read_state_dict",
     "resolve_tag_dir",
     "save_checkpoint",
+    "verify_manifest",
 ]
