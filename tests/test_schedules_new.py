@@ -217,9 +217,11 @@ def test_zbv_places_chunks_in_a_v(stages: int) -> None:
 
 def test_zbv_rejects_bad_placement_queries() -> None:
     schedule = ZBVSchedule(4, 3, 0)
-    with pytest.raises(ValueError, match=r"virtual_stage must be in \[0, 6\) for 3 stages, got 6"):
+    with pytest.raises(
+        ValueError, match=r"virtual_stage must be in \[0, 6\) for 3 stages × 2 chunks, got 6"
+    ):
         schedule.locate(6)
-    with pytest.raises(ValueError, match=r"chunks 0 and 1, got chunk_id=2"):
+    with pytest.raises(ValueError, match=r"chunks 0..1, got chunk_id=2"):
         schedule.virtual_stage(0, 2)
 
 

@@ -14,6 +14,7 @@ import pytest
 from stagewise.schedule import (
     DataParallelSchedule,
     InferenceSchedule,
+    Kind,
     ScheduleError,
     ScheduleFactory,
     TrainSchedule,
@@ -163,7 +164,7 @@ def test_events_cover_every_pass_without_overlap() -> None:
         assert sum(e.duration for e in mine) == result.busy[stage]
     assert max(e.end for e in result.events) == result.makespan
     costs = {"F": 0.5, "I": 1.0, "W": 0.5}
-    assert all(e.duration == costs[e.kind] for e in result.events)
+    assert all(e.duration == costs[e.code] for e in result.events)
 
 
 def test_record_events_off() -> None:
@@ -247,8 +248,18 @@ def test_256_stages_2048_micro_batches() -> None:
 # -- rendering ----------------------------------------------------------------------------
 def test_timeline_event() -> None:
     event = TimelineEvent(2, "I3c1", 1.5, 2.0)
-    assert (event.kind, event.micro_batch, event.chunk, event.duration) == ("I", 3, 1, 0.5)
+    assert (event.kind, event.micro_batch, event.chunk, event.duration) == (
+        Kind.BACKWARD_INPUT,
+        3,
+        1,
+        0.5,
+    )
+    assert event.code == "I"
     assert TimelineEvent(0, "RTG", 0, 0).micro_batch is None
+    # a code of your own is a CUSTOM instruction; a given kind wins over the name
+    custom = TimelineEvent(0, "CKPT", 0, 1)
+    assert (custom.kind, custom.code) == (Kind.CUSTOM, "CKPT")
+    assert TimelineEvent(0, "X1", 0, 1, Kind.FORWARD).kind == Kind.FORWARD
     with pytest.raises(ValueError, match=r"'F0' on rank 1 ends before it starts"):
         TimelineEvent(1, "F0", 2.0, 1.0)
 

@@ -37,14 +37,18 @@ from stagewise.schedule.instructions import (
     ReduceTiedGrads,
     SendActivation,
     SendGrad,
+    instruction_class,
     parse_instruction,
 )
 from stagewise.schedule.interleaved import InterleavedSchedule
+from stagewise.schedule.kinds import Kind
 from stagewise.schedule.order import Pass, PassOrderSchedule
+from stagewise.schedule.placement import Placement, PlacementKind
 from stagewise.schedule.registry import (
     get_schedule_class,
     make_schedule,
     schedule_factory,
+    schedule_layout,
     schedule_names,
 )
 from stagewise.schedule.simulate import Costs, SimResult, simulate
@@ -62,12 +66,15 @@ __all__ = [
     "GPipeSchedule",
     "InferenceSchedule",
     "InterleavedSchedule",
+    "Kind",
     "LoadMicroBatch",
     "OptimizerStep",
     "Pass",
     "PassOrderSchedule",
     "PipeInstruction",
     "PipeSchedule",
+    "Placement",
+    "PlacementKind",
     "Position",
     "RecvActivation",
     "RecvGrad",
@@ -88,9 +95,11 @@ __all__ = [
     "check_table",
     "format_grid",
     "get_schedule_class",
+    "instruction_class",
     "make_schedule",
     "parse_instruction",
     "schedule_factory",
+    "schedule_layout",
     "schedule_names",
     "schedule_table",
     "simulate",

@@ -16,6 +16,7 @@ and a little more activation memory.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import ClassVar
 
 from stagewise.schedule.order import Pass, PassOrderSchedule
 
@@ -49,16 +50,26 @@ class InterleavedSchedule(PassOrderSchedule):
     run.
     """
 
+    configurable_chunks: ClassVar[bool] = True
+    #: the chunks per stage when ``pipeline.virtual_stages`` is unset.
+    default_chunks: ClassVar[int] = 2
+
     def __init__(
         self, micro_batches: int, stages: int, stage_id: int, *, virtual_stages: int = 2
     ) -> None:
-        if not isinstance(virtual_stages, int) or virtual_stages < 1:
+        self.num_chunks = self.chunks_for(virtual_stages)
+        super().__init__(micro_batches, stages, stage_id)
+
+    @classmethod
+    def chunks_for(cls, virtual_stages: int | None, *, name: str | None = None) -> int:
+        """``virtual_stages`` chunks per stage (2 when unset), any integer >= 1."""
+        chunks = cls.default_chunks if virtual_stages is None else virtual_stages
+        if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
             raise ValueError(
                 f"virtual_stages must be an integer >= 1 (model chunks per stage), "
                 f"got {virtual_stages!r}"
             )
-        self.num_chunks = virtual_stages
-        super().__init__(micro_batches, stages, stage_id)
+        return chunks
 
     @property
     def virtual_stages(self) -> int:

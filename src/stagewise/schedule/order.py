@@ -33,24 +33,17 @@ from __future__ import annotations
 import heapq
 from abc import abstractmethod
 from collections.abc import Iterator
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple, cast
 
 from stagewise.schedule.base import PipeSchedule, Step, gc_paused
 from stagewise.schedule.instructions import (
-    BackwardInputPass,
-    BackwardPass,
-    BackwardWeightPass,
     BufferOpInstruction,
-    ForwardPass,
-    LoadMicroBatch,
     OptimizerStep,
-    RecvActivation,
-    RecvGrad,
     ReduceGrads,
     ReduceTiedGrads,
-    SendActivation,
-    SendGrad,
+    instruction_class,
 )
+from stagewise.schedule.kinds import Kind
 
 __all__ = ["Pass", "PassOrderSchedule"]
 
@@ -66,20 +59,27 @@ class Pass(NamedTuple):
         return f"{self.kind}{self.micro_batch}" + (f"c{self.chunk}" if self.chunk else "")
 
 
-_PASS_CLASSES: dict[str, type[BufferOpInstruction]] = {
-    "F": ForwardPass,
-    "B": BackwardPass,
-    "I": BackwardInputPass,
-    "W": BackwardWeightPass,
-    "L": LoadMicroBatch,
-    "SA": SendActivation,
-    "RA": RecvActivation,
-    "SG": SendGrad,
-    "RG": RecvGrad,
-}
+def pass_kind(text: str | Kind) -> Kind:
+    """The compute kind a :class:`Pass` names (``"F"``, ``"B"``, ``"I"``, ``"W"`` or the Kind).
 
-# (code, micro-batch, chunk) before buffers are assigned.
-_Raw = tuple[str, int, int]
+    Raises:
+        ValueError: any other text or kind.
+    """
+    if isinstance(text, Kind):
+        kind = text
+    else:
+        try:
+            kind = Kind.from_code(text)
+        except ValueError:
+            kind = Kind.CUSTOM
+    if not kind.is_compute:
+        codes = ", ".join(repr(k.code) for k in Kind if k.is_compute)
+        raise ValueError(f"unknown pass kind {text!r} in pass_order(); use {codes}")
+    return kind
+
+
+# (kind, micro-batch, chunk) before buffers are assigned.
+_Raw = tuple[Kind, int, int]
 # a message on a link: ("A" activation or "G" gradient, micro-batch, receiving chunk).
 _Message = tuple[str, int, int]
 
@@ -132,11 +132,12 @@ class PassOrderSchedule(PipeSchedule):
             peer = self.locate(virtual - 1) if virtual > 0 else (-1, -1)
             grad_to.append(peer[1] if peer[0] == dst else -1)
         order: dict[_Message, int] = {}
-        for kind, mb, chunk in self.pass_order(src):
-            if kind == "F":
+        for text, mb, chunk in self.pass_order(src):
+            kind = pass_kind(text)
+            if kind == Kind.FORWARD:
                 if act_to[chunk] >= 0:
                     order["A", mb, act_to[chunk]] = len(order)
-            elif (kind == "B" or kind == "I") and grad_to[chunk] >= 0:
+            elif kind.makes_input_grad and grad_to[chunk] >= 0:
                 order["G", mb, grad_to[chunk]] = len(order)
         return order
 
@@ -164,34 +165,30 @@ class PassOrderSchedule(PipeSchedule):
                     f"pass_order() must run every pass of the batch on every stage"
                 )
             for kind, mb, chunk in sent_order[src][received[src] : wanted + 1]:
-                step.append(("RA" if kind == "A" else "RG", mb, chunk))
+                step.append((Kind.RECV_ACTIVATION if kind == "A" else Kind.RECV_GRAD, mb, chunk))
             received[src] = max(received[src], wanted + 1)
 
         steps: list[list[_Raw]] = []
-        for kind, mb, chunk in self.pass_order(stage):
+        for text, mb, chunk in self.pass_order(stage):
+            kind = pass_kind(text)
             virtual = roles[chunk]
             step: list[_Raw] = []
-            if kind == "F":
+            if kind == Kind.FORWARD:
                 if virtual > 0:
                     receive(act_src[chunk], ("A", mb, chunk), step)
                 if virtual == 0 or virtual == last:
-                    step.append(("L", mb, chunk))
-                step.append(("F", mb, chunk))
+                    step.append((Kind.LOAD, mb, chunk))
+                step.append((kind, mb, chunk))
                 if virtual < last:
-                    step.append(("SA", mb, chunk))
-            elif kind == "B" or kind == "I":
+                    step.append((Kind.SEND_ACTIVATION, mb, chunk))
+            elif kind.makes_input_grad:
                 if virtual < last:
                     receive(grad_src[chunk], ("G", mb, chunk), step)
                 step.append((kind, mb, chunk))
                 if virtual > 0:
-                    step.append(("SG", mb, chunk))
-            elif kind == "W":
-                step.append(("W", mb, chunk))
-            else:
-                raise ValueError(
-                    f"{type(self).__name__}: unknown pass kind {kind!r} in pass_order(); "
-                    f"use 'F', 'B', 'I' or 'W'"
-                )
+                    step.append((Kind.SEND_GRAD, mb, chunk))
+            else:  # the weight-gradient half: no transfer
+                step.append((kind, mb, chunk))
             steps.append(step)
         return steps
 
@@ -207,10 +204,15 @@ class PassOrderSchedule(PipeSchedule):
         size = [0] * self.num_chunks
         held: dict[tuple[int, int], int] = {}
         steps: list[Step] = []
+        classes = {
+            kind: cast(type[BufferOpInstruction], instruction_class(kind))
+            for kind in Kind
+            if kind.is_buffer_op
+        }
         index = 0
         for step in raw:
             out: Step = []
-            for code, mb, chunk in step:
+            for kind, mb, chunk in step:
                 key = (chunk, mb)
                 buffer = held.get(key)
                 if buffer is None:
@@ -220,7 +222,7 @@ class PassOrderSchedule(PipeSchedule):
                         buffer = size[chunk]
                         size[chunk] += 1
                     held[key] = buffer
-                out.append(_PASS_CLASSES[code](buffer, mb, chunk))
+                out.append(classes[kind](buffer, mb, chunk))
                 if last_use[key] == index:
                     heapq.heappush(free[chunk], held.pop(key))
                 index += 1

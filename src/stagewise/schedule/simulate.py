@@ -40,12 +40,14 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import IntEnum
 from functools import cached_property
 from typing import Any
 
 from stagewise.schedule.base import PipeSchedule, gc_paused
 from stagewise.schedule.check import Position, ScheduleError, ScheduleFactory
 from stagewise.schedule.instructions import PipeInstruction
+from stagewise.schedule.kinds import Kind
 from stagewise.schedule.render import TimelineEvent
 
 __all__ = ["Costs", "SimResult", "simulate"]
@@ -118,10 +120,10 @@ class SimResult:
     @cached_property
     def events(self) -> list[TimelineEvent]:
         """The timeline, built on first use from the recorded start times."""
-        cost = dict(zip("FBIW", _pass_costs(self.costs, self.chunks), strict=True))
+        cost = _pass_costs(self.costs, self.chunks)
         with gc_paused():
             return [
-                TimelineEvent(stage, repr(ins), start, start + cost[ins.code])
+                TimelineEvent(stage, repr(ins), start, start + cost[_OP_OF[ins.kind]], ins.kind)
                 for stage, row in enumerate(self._starts)
                 for ins, start in row
             ]
@@ -151,14 +153,57 @@ class SimResult:
         return out
 
 
+class _Op(IntEnum):
+    """What the simulator does with an instruction (see :func:`sim_op`)."""
+
+    FORWARD = 0
+    BACKWARD = 1
+    BACKWARD_INPUT = 2
+    BACKWARD_WEIGHT = 3
+    SEND = 4  # buffered: arrives ``send`` later
+    RECV = 5  # blocks until its message has arrived
+    FREE = 6  # takes no time
+
+
+def sim_op(kind: Kind) -> _Op:
+    """The simulator's decision for one instruction kind: what it costs, how it waits.
+
+    Every kind is decided here, ``CUSTOM`` included (free); anything else is an
+    error, never a silent zero.
+
+    Raises:
+        ValueError: ``kind`` is not a :class:`~stagewise.schedule.kinds.Kind`.
+    """
+    if kind == Kind.FORWARD:
+        return _Op.FORWARD
+    if kind == Kind.BACKWARD:
+        return _Op.BACKWARD
+    if kind == Kind.BACKWARD_INPUT:
+        return _Op.BACKWARD_INPUT
+    if kind == Kind.BACKWARD_WEIGHT:
+        return _Op.BACKWARD_WEIGHT
+    if kind in (Kind.SEND_ACTIVATION, Kind.SEND_GRAD):
+        return _Op.SEND
+    if kind in (Kind.RECV_ACTIVATION, Kind.RECV_GRAD):
+        return _Op.RECV
+    if kind in (
+        Kind.LOAD,
+        Kind.REDUCE_TIED,
+        Kind.REDUCE_GRADS,
+        Kind.OPTIMIZER_STEP,
+        Kind.CUSTOM,
+    ):
+        return _Op.FREE
+    raise ValueError(f"the simulator has no cost for instruction kind {kind!r}")
+
+
+_OP_OF = {kind: sim_op(kind) for kind in Kind}
+
+
 def _pass_costs(costs: Costs, chunks: int) -> list[float]:
     """Cost of ``F``, ``B``, ``I``, ``W`` on one chunk: the stage's share over ``chunks``."""
     whole = [costs.forward, costs.backward, costs.backward_input, costs.backward_weight]
     return whole if chunks == 1 else [cost / chunks for cost in whole]
-
-
-_BACKWARD = frozenset({"B", "I", "W"})
-_OPCODES = {"F": 0, "B": 1, "I": 2, "W": 3, "SA": 4, "SG": 5, "RA": 6, "RG": 7}
 
 
 def _peers(
@@ -176,9 +221,10 @@ def _peers(
                 prev_row.append((virtual - 1) % stages if virtual > 0 else -1)
                 next_row.append((virtual + 1) % stages if virtual < total - 1 else -1)
             else:
-                virtual = placement.virtual_stage(stage, chunk)
-                prev_row.append(placement.locate(virtual - 1)[0] if virtual > 0 else -1)
-                next_row.append(placement.locate(virtual + 1)[0] if virtual < total - 1 else -1)
+                before = placement.placement.prev(stage, chunk)
+                after = placement.placement.next(stage, chunk)
+                prev_row.append(-1 if before is None else before[0])
+                next_row.append(-1 if after is None else after[0])
         prev.append(prev_row)
         nxt.append(next_row)
     return prev, nxt
@@ -270,11 +316,11 @@ def _run(
         chunks = 1 + max((getattr(ins, "chunk_id", 0) for flat in flats for ins in flat), default=0)
     training = getattr(placement, "training", None)
     if training is None:
-        training = any(ins.code in _BACKWARD for flat in flats for ins in flat)
+        training = any(ins.kind.is_backward for flat in flats for ins in flat)
     prev_stage, next_stage = _peers(num_stages, chunks, placement)
 
-    # each instruction class maps to an opcode once: 0-3 compute, 4-5 send, 6-7 receive
-    opcodes: dict[type, int] = {}
+    # each instruction class maps to its simulator decision once
+    opcodes: dict[type, tuple[_Op, bool]] = {}
     cost_of = _pass_costs(costs, chunks)
     send_cost = costs.send
     pc = [0] * num_stages
@@ -298,26 +344,27 @@ def _run(
         done = len(flat)
         for i in range(pc[stage], done):
             ins = flat[i]
-            op = opcodes.get(type(ins))
-            if op is None:
-                op = opcodes[type(ins)] = _OPCODES.get(ins.code, -1)
-            if op < 0:  # loads, reductions, the optimizer step: no time
+            decision = opcodes.get(type(ins))
+            if decision is None:
+                decision = opcodes[type(ins)] = (_OP_OF[ins.kind], ins.kind.is_activation)
+            op, activation = decision
+            if op == _Op.FREE:
                 continue
-            if op < 4:  # compute
-                if op == 0:
+            if op <= _Op.BACKWARD_WEIGHT:  # compute
+                if op == _Op.FORWARD:
                     live += 1
                     if live > top:
                         top = live
-                elif op != 2:  # a B or a W ends the micro-batch's hold
+                elif op != _Op.BACKWARD_INPUT:  # a B or a W ends the micro-batch's hold
                     live -= 1
                 if record is not None:
                     record((ins, now))
                 cost = cost_of[op]
                 now += cost
                 work += cost
-            elif op < 6:  # send: buffered, arrives send_cost later
+            elif op == _Op.SEND:  # buffered, arrives send_cost later
                 chunk = ins.chunk_id  # type: ignore[attr-defined]
-                link = (stage, nexts[chunk] if op == 4 else prevs[chunk])
+                link = (stage, nexts[chunk] if activation else prevs[chunk])
                 queue = queues.get(link)
                 if queue is None:
                     queue = queues[link] = deque()
@@ -326,7 +373,7 @@ def _run(
                     ready.append(waiting.pop(link))
             else:  # receive: blocks until the link's next message has arrived
                 chunk = ins.chunk_id  # type: ignore[attr-defined]
-                link = (prevs[chunk] if op == 6 else nexts[chunk], stage)
+                link = (prevs[chunk] if activation else nexts[chunk], stage)
                 queue = queues.get(link)
                 if not queue:
                     waiting[link] = stage
@@ -372,7 +419,7 @@ def _deadlock(
     for stage in stuck:
         ins = flats[stage][pc[stage]]
         chunk = getattr(ins, "chunk_id", 0)
-        peer = prev_stage[stage][chunk] if ins.code == "RA" else next_stage[stage][chunk]
+        peer = prev_stage[stage][chunk] if ins.kind.is_activation else next_stage[stage][chunk]
         # the position of the stuck instruction in the table
         index = pc[stage]
         for step, row in enumerate(table[stage]):

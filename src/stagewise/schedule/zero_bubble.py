@@ -19,8 +19,10 @@ time at all; they are spelled out in each class. Any number of micro-batches wor
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import ClassVar
 
 from stagewise.schedule.order import Pass, PassOrderSchedule
+from stagewise.schedule.placement import PlacementKind
 
 __all__ = ["ZBVSchedule", "ZeroBubbleH1Schedule"]
 
@@ -99,23 +101,7 @@ class ZBVSchedule(PassOrderSchedule):
     """
 
     num_chunks = 2
-
-    def virtual_stage(self, stage_id: int, chunk_id: int) -> int:
-        """Chunk 0 of stage ``s`` is virtual stage ``s``; chunk 1 is ``2S - 1 - s``."""
-        if chunk_id not in (0, 1):
-            raise ValueError(f"ZBVSchedule has chunks 0 and 1, got chunk_id={chunk_id}")
-        return stage_id if chunk_id == 0 else 2 * self.stages - 1 - stage_id
-
-    def locate(self, virtual_stage: int) -> tuple[int, int]:
-        """``(stage, chunk)`` holding ``virtual_stage``: down the V, then back up."""
-        if not 0 <= virtual_stage < 2 * self.stages:
-            raise ValueError(
-                f"virtual_stage must be in [0, {2 * self.stages}) for {self.stages} "
-                f"stages, got {virtual_stage}"
-            )
-        if virtual_stage < self.stages:
-            return virtual_stage, 0
-        return 2 * self.stages - 1 - virtual_stage, 1
+    placement_kind: ClassVar[PlacementKind] = PlacementKind.V
 
     def pass_order(self, stage_id: int) -> Iterator[Pass]:
         """The six passes of each iteration, lagged as in the class doc."""
