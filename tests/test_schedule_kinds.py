@@ -15,9 +15,10 @@ import pytest
 import stagewise.schedule as schedule_pkg
 from stagewise.schedule import (
     BufferOpInstruction,
-    InferenceSchedule,
     Kind,
     PipeInstruction,
+    Placement,
+    Program,
     Step,
     TrainSchedule,
     check_schedule,
@@ -118,7 +119,7 @@ def test_every_instruction_class_has_a_kind_the_readers_decide_on() -> None:
         assert issubclass(cls, BufferOpInstruction) == cls.kind.is_buffer_op
     # the checker reads the kind of whatever sits in a table
     table = [[[cls(0) if issubclass(cls, BufferOpInstruction) else cls() for cls in classes]]]
-    state = CheckState(table, InferenceSchedule(1, 1, 0), False, None)
+    state = CheckState(Program.from_table(table, Placement(1), 1), training=False)
     assert state.kinds[0].tolist() == [int(cls.kind) for cls in classes]
 
 
@@ -207,10 +208,10 @@ def test_timeline_events_know_their_kind() -> None:
 
 
 # -- module shape ---------------------------------------------------------------------------
-def test_no_module_over_500_lines() -> None:
+def test_no_module_over_400_lines() -> None:
     for path in SCHEDULE_DIR.rglob("*.py"):
         lines = len(path.read_text().splitlines())
-        assert lines <= 500, f"{path.relative_to(SCHEDULE_DIR)} has {lines} lines"
+        assert lines <= 400, f"{path.relative_to(SCHEDULE_DIR)} has {lines} lines"
 
 
 def _imports(path: Path, package: str) -> set[str]:

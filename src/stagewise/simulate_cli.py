@@ -20,7 +20,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from stagewise.schedule.check import ScheduleError, check_table
+from stagewise.schedule.check import ScheduleError, check_program
+from stagewise.schedule.program import schedule_program
 from stagewise.schedule.registry import schedule_factory, schedule_names
 from stagewise.schedule.simulate import Costs, SimResult, simulate
 
@@ -143,13 +144,10 @@ def simulate_main(argv: Sequence[str] | None = None) -> int:
             backward_weight=args.cost_backward_weight,
             send=args.cost_send,
         )
-        schedules = [
-            factory(args.micro_batches, args.stages, stage) for stage in range(args.stages)
-        ]
-        table = [[list(step) for step in schedule.steps()] for schedule in schedules]
+        program = schedule_program(factory, args.micro_batches, args.stages)
         if args.check:
-            check_table(table, schedules[0], num_buffers=[s.num_pipe_buffers() for s in schedules])
-        result = simulate(table, costs, placement=schedules[0])
+            check_program(program)
+        result = simulate(program, costs)
     except ScheduleError as error:
         print(f"stagewise simulate: the schedule is broken: {error}", file=sys.stderr)
         return 1
@@ -158,7 +156,7 @@ def simulate_main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     name = args.schedule.strip().lower()
-    chunks = schedules[0].num_chunks
+    chunks = program.chunks
     title = f"{name}: {args.stages} stage(s), {args.micro_batches} micro-batch(es)"
     if chunks > 1:
         title += f", {chunks} chunks per stage"

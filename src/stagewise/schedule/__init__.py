@@ -1,8 +1,10 @@
 """Schedules as data: instructions, the schedules that order them, and their checker.
 
 A schedule yields, for one stage, a list of instructions per step
-(:class:`PipeSchedule`). :func:`check_schedule` proves a schedule sound over all
-its stages without any processes.
+(:class:`PipeSchedule`), or the same as arrays (:class:`StageProgram`; a
+:class:`Program` holds every stage's). :func:`check_schedule` /
+:func:`check_program` prove a schedule sound over all its stages without any
+processes, and :func:`simulate` times it under a cost model.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from stagewise.schedule.check import (
     ScheduleFactory,
     Table,
     TableLike,
+    check_program,
     check_schedule,
     check_table,
     format_grid,
@@ -44,6 +47,7 @@ from stagewise.schedule.interleaved import InterleavedSchedule
 from stagewise.schedule.kinds import Kind
 from stagewise.schedule.order import Pass, PassOrderSchedule
 from stagewise.schedule.placement import Placement, PlacementKind
+from stagewise.schedule.program import Program, StageProgram, schedule_program
 from stagewise.schedule.registry import (
     get_schedule_class,
     make_schedule,
@@ -51,10 +55,11 @@ from stagewise.schedule.registry import (
     schedule_layout,
     schedule_names,
 )
-from stagewise.schedule.simulate import Costs, SimResult, simulate
+from stagewise.schedule.simulate import ActivationMemory, Costs, SimResult, simulate
 from stagewise.schedule.zero_bubble import ZBVSchedule, ZeroBubbleH1Schedule
 
 __all__ = [
+    "ActivationMemory",
     "BackwardInputPass",
     "BackwardPass",
     "BackwardWeightPass",
@@ -76,6 +81,7 @@ __all__ = [
     "Placement",
     "PlacementKind",
     "Position",
+    "Program",
     "RecvActivation",
     "RecvGrad",
     "ReduceGrads",
@@ -85,12 +91,14 @@ __all__ = [
     "SendActivation",
     "SendGrad",
     "SimResult",
+    "StageProgram",
     "Step",
     "Table",
     "TableLike",
     "TrainSchedule",
     "ZBVSchedule",
     "ZeroBubbleH1Schedule",
+    "check_program",
     "check_schedule",
     "check_table",
     "format_grid",
@@ -101,6 +109,7 @@ __all__ = [
     "schedule_factory",
     "schedule_layout",
     "schedule_names",
+    "schedule_program",
     "schedule_table",
     "simulate",
 ]

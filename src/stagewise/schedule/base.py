@@ -1,8 +1,10 @@
 """The schedule base class: how a schedule names stages, chunks and buffers.
 
-A schedule is a pure generator: ``steps()`` yields, for one stage, a list of
-instructions per step. Iterating the schedule object itself yields the same
-steps (as DeepSpeed's ``PipeSchedule`` does).
+A schedule is pure data: ``steps()`` yields, for one stage, a list of
+instructions per step, and ``program()`` gives the same as arrays (a
+:class:`~stagewise.schedule.program.StageProgram`, what the checker and the
+simulator read). A schedule implements either; the other follows. Iterating the
+schedule object itself yields the steps (as DeepSpeed's ``PipeSchedule`` does).
 
 Model chunks. A schedule may place several chunks of the model on each stage
 (interleaved and V-shaped schedules). The layers are cut into
@@ -17,7 +19,6 @@ schedule sets ``placement_kind = PlacementKind.V``. ``virtual_stage`` and
 from __future__ import annotations
 
 import gc
-from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property
@@ -25,6 +26,7 @@ from typing import ClassVar
 
 from stagewise.schedule.instructions import PipeInstruction
 from stagewise.schedule.placement import Placement, PlacementKind
+from stagewise.schedule.program import StageProgram
 
 __all__ = ["PipeSchedule", "Step", "gc_paused"]
 
@@ -49,7 +51,7 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-class PipeSchedule(ABC):
+class PipeSchedule:
     """The steps one stage runs for one batch of ``micro_batches``.
 
     Args:
@@ -80,9 +82,31 @@ class PipeSchedule(ABC):
         self.next_stage = stage_id + 1
         self._it: Iterator[Step] | None = None
 
-    @abstractmethod
     def steps(self) -> Iterator[Step]:
-        """Yield this stage's instructions, one list per step."""
+        """This stage's instructions, one list per step (by default from :meth:`build_program`)."""
+        return iter(self.build_program().steps())
+
+    def build_program(self) -> StageProgram:
+        """Override to give this stage's instructions as arrays directly."""
+        raise TypeError(
+            f"{type(self).__name__} implements neither steps() nor build_program(): a "
+            f"schedule gives its instructions one way or the other"
+        )
+
+    def program(self) -> StageProgram:
+        """This stage's instructions as arrays, what the checker and the simulator read.
+
+        From :meth:`build_program`, or compiled from :meth:`steps` when the class
+        that defines the schedule (the most derived of the two) overrides ``steps``.
+        """
+        for cls in type(self).__mro__:
+            if cls is PipeSchedule:
+                break
+            if "steps" in cls.__dict__:
+                return StageProgram.from_steps(self.steps())
+            if "build_program" in cls.__dict__:
+                return self.build_program()
+        return self.build_program()  # raises: neither is implemented
 
     def num_pipe_buffers(self) -> int:
         """How many activation buffers this stage needs at once."""

@@ -1,88 +1,75 @@
-"""Simulate a schedule under a cost model: makespan, bubble, peak activations.
+"""Simulate a schedule under a cost model: makespan, bubble, peak activations and bytes.
 
 The model, which the engine's real behaviour approximates:
 
 * each stage runs its instructions in order, one at a time;
-* a forward costs ``forward``, an input-gradient pass ``backward_input``, a
-  weight-gradient pass ``backward_weight``, and a whole backward both. The costs
-  are for one micro-batch through a stage's whole share of the model: a schedule
-  with ``k`` chunks per stage (interleaved, V-shaped) runs each chunk's pass in
-  ``1/k`` of them, so makespans compare across schedules;
-* a send is asynchronous: the stage goes on at once, and the message arrives
-  ``send`` later;
+* a forward, an input-gradient pass and a weight-gradient pass cost what
+  :class:`~stagewise.schedule.costs.Costs` says for their virtual stage (a whole
+  backward both halves); with numbers, each of ``k`` chunks per stage takes
+  ``1/k`` of a stage's time, so makespans compare across schedules;
+* a send is asynchronous: the stage goes on at once, and the message arrives the
+  boundary's ``send`` time later;
 * a receive blocks until its message has arrived; between two stages messages are
   taken in the order they were sent (as the checker requires);
-* loads, reductions and the optimizer step take no time.
+* loads, reductions, the optimizer step and ``CUSTOM`` instructions take no time,
+  and the simulator does not wait at collectives (:func:`sim_op` decides each kind).
 
-Results: the *makespan* (when the last stage finishes), the *bubble fraction*
-(the stages' idle time over ``stages × makespan``), the *peak activations* of each
-stage (the most micro-batches it holds at once: forwarded on a chunk, whose
-backward on that chunk, ``B`` or the ``W`` of a split one, has not finished;
-counted once per chunk and micro-batch) and a :class:`TimelineEvent` per compute
-pass for :func:`~stagewise.schedule.render.render_timeline`.
+Results (:class:`SimResult`): the *makespan* (when the last stage finishes), the
+*bubble fraction* (the stages' idle time over ``stages × makespan``), the *peak
+activations* of each stage (the most micro-batches it holds at once: forwarded on a
+chunk, whose backward on that chunk, ``B`` or the ``W`` of a split one, has not
+finished; counted once per chunk and micro-batch), with
+:class:`~stagewise.schedule.costs.ActivationMemory` the peak activation *bytes*, and
+a :class:`TimelineEvent` per compute pass for
+:func:`~stagewise.schedule.render.render_timeline`.
 
 With integer costs every time is an integer, so the bubble fraction is the exact
 ratio rounded once: 1F1B's is ``(S - 1) / (M + S - 1)`` to the last bit.
 
-The simulation is event-driven and linear in the number of instructions: a stage
-runs until a receive finds nothing on its link, and is woken by the send that fills
-it. 256 stages × 2048 micro-batches of 1F1B (three million instructions) take a few
-seconds.
+How: the schedule is held as arrays (:mod:`~stagewise.schedule.program`), cut into
+blocks at every receive, and the blocks' start times are computed over the
+dependency graph's levels (:mod:`~stagewise.schedule.deps`): a block starts when
+its stage's previous block has finished and its message has arrived. 256 stages ×
+2048 micro-batches of 1F1B are simulated in a fraction of a second, and a checked
+program is not layered again; a planner changing only the costs pays only for the
+sweep.
 
 >>> from stagewise.schedule.deepspeed import TrainSchedule
 >>> result = simulate(TrainSchedule, micro_batches=8, stages=4)
 >>> result.makespan, result.bubble_fraction == 3 / 11, result.peak_activations
-(33, True, [4, 3, 2, 1])
+(33.0, True, [4, 3, 2, 1])
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
-from stagewise.schedule.base import PipeSchedule, gc_paused
+import numpy as np
+
+from stagewise.schedule.base import PipeSchedule
 from stagewise.schedule.check import Position, ScheduleError, ScheduleFactory
+from stagewise.schedule.check.matching import deadlock_report
+from stagewise.schedule.costs import (
+    OP_OF,
+    ActivationMemory,
+    Costs,
+    Floats,
+    peak_activation_bytes,
+    peak_activations,
+    sim_op,
+)
+from stagewise.schedule.deps import Dependencies, dependencies_of
 from stagewise.schedule.instructions import PipeInstruction
-from stagewise.schedule.kinds import Kind
+from stagewise.schedule.kinds import Kind, kind_mask
+from stagewise.schedule.placement import Placement
+from stagewise.schedule.program import Ints, NotAnInstruction, Program, schedule_program
 from stagewise.schedule.render import TimelineEvent
+from stagewise.schedule.transfers import transfers_of
 
-__all__ = ["Costs", "SimResult", "simulate"]
-
-
-@dataclass(frozen=True)
-class Costs:
-    """Time per pass and per transfer, in any one unit.
-
-    The costs are for one micro-batch through one stage's whole share of the model;
-    with ``k`` chunks per stage each chunk's pass takes ``1/k`` of them.
-
-    Attributes:
-        forward: one forward (``F``) of one micro-batch.
-        backward_input: the input-gradient half (``I``) of a backward.
-        backward_weight: the weight-gradient half (``W``); a whole backward (``B``)
-            costs ``backward_input + backward_weight``.
-        send: from a send's start to its message's arrival (latency + transfer).
-    """
-
-    forward: float = 1
-    backward_input: float = 1
-    backward_weight: float = 1
-    send: float = 0
-
-    def __post_init__(self) -> None:
-        for name in ("forward", "backward_input", "backward_weight", "send"):
-            value = getattr(self, name)
-            if not value >= 0 or value == float("inf"):
-                raise ValueError(f"Costs.{name} must be a finite number >= 0, got {value!r}")
-
-    @property
-    def backward(self) -> float:
-        """A whole backward: ``backward_input + backward_weight``."""
-        return self.backward_input + self.backward_weight
+__all__ = ["ActivationMemory", "Costs", "SimResult", "sim_op", "simulate"]
 
 
 @dataclass(frozen=True)
@@ -99,8 +86,9 @@ class SimResult:
             ``1 / num_chunks``), comparable across schedules with different chunking.
         busy: per stage, the time spent computing.
         costs: the cost model used.
-        chunks: model chunks per stage; each chunk's pass took ``1 / chunks`` of
-            the costs.
+        chunks: model chunks per stage.
+        peak_activation_bytes: per stage, the most activation bytes live at once
+            (with ``memory=``; None without).
         events: one :class:`TimelineEvent` per compute pass (``F``, ``B``, ``I``,
             ``W``), stage by stage, each stage's in the order it ran them (empty
             when simulated with ``record_events=False``).
@@ -113,20 +101,27 @@ class SimResult:
     busy: list[float]
     costs: Costs
     chunks: int = 1
-    _starts: list[list[tuple[PipeInstruction, float]]] = field(
-        default_factory=list, repr=False, compare=False
-    )
+    peak_activation_bytes: list[float] | None = None
+    _program: Program | None = field(default=None, repr=False, compare=False)
+    _timeline: tuple[Ints, Floats, Floats] | None = field(default=None, repr=False, compare=False)
 
     @cached_property
     def events(self) -> list[TimelineEvent]:
         """The timeline, built on first use from the recorded start times."""
-        cost = _pass_costs(self.costs, self.chunks)
-        with gc_paused():
-            return [
-                TimelineEvent(stage, repr(ins), start, start + cost[_OP_OF[ins.kind]], ins.kind)
-                for stage, row in enumerate(self._starts)
-                for ins, start in row
-            ]
+        if self._program is None or self._timeline is None:
+            return []
+        rows, starts, costs = self._timeline
+        program, offsets = self._program, self._program.offsets
+        stage_of = program.stage_of_row[rows]
+        kinds = program.concat("kind")[rows]
+        events = []
+        for row, stage, kind, start, cost in zip(
+            rows.tolist(), stage_of.tolist(), kinds.tolist(), starts.tolist(), costs.tolist(),
+            strict=True,
+        ):  # fmt: skip
+            name = program.stages[stage].text(row - int(offsets[stage]))
+            events.append(TimelineEvent(stage, name, start, start + cost, Kind(kind)))
+        return events
 
     @property
     def stages(self) -> int:
@@ -141,103 +136,27 @@ class SimResult:
             "peak_activations": list(self.peak_activations),
             "peak_memory": list(self.peak_memory),
             "busy": list(self.busy),
-            "costs": {
-                "forward": self.costs.forward,
-                "backward_input": self.costs.backward_input,
-                "backward_weight": self.costs.backward_weight,
-                "send": self.costs.send,
-            },
+            "costs": self.costs.to_dict(),
         }
+        if self.peak_activation_bytes is not None:
+            out["peak_activation_bytes"] = list(self.peak_activation_bytes)
         if events:
             out["events"] = [[e.rank, e.name, e.start, e.end] for e in self.events]
         return out
 
 
-class _Op(IntEnum):
-    """What the simulator does with an instruction (see :func:`sim_op`)."""
-
-    FORWARD = 0
-    BACKWARD = 1
-    BACKWARD_INPUT = 2
-    BACKWARD_WEIGHT = 3
-    SEND = 4  # buffered: arrives ``send`` later
-    RECV = 5  # blocks until its message has arrived
-    FREE = 6  # takes no time
-
-
-def sim_op(kind: Kind) -> _Op:
-    """The simulator's decision for one instruction kind: what it costs, how it waits.
-
-    Every kind is decided here, ``CUSTOM`` included (free); anything else is an
-    error, never a silent zero.
-
-    Raises:
-        ValueError: ``kind`` is not a :class:`~stagewise.schedule.kinds.Kind`.
-    """
-    if kind == Kind.FORWARD:
-        return _Op.FORWARD
-    if kind == Kind.BACKWARD:
-        return _Op.BACKWARD
-    if kind == Kind.BACKWARD_INPUT:
-        return _Op.BACKWARD_INPUT
-    if kind == Kind.BACKWARD_WEIGHT:
-        return _Op.BACKWARD_WEIGHT
-    if kind in (Kind.SEND_ACTIVATION, Kind.SEND_GRAD):
-        return _Op.SEND
-    if kind in (Kind.RECV_ACTIVATION, Kind.RECV_GRAD):
-        return _Op.RECV
-    if kind in (
-        Kind.LOAD,
-        Kind.REDUCE_TIED,
-        Kind.REDUCE_GRADS,
-        Kind.OPTIMIZER_STEP,
-        Kind.CUSTOM,
-    ):
-        return _Op.FREE
-    raise ValueError(f"the simulator has no cost for instruction kind {kind!r}")
-
-
-_OP_OF = {kind: sim_op(kind) for kind in Kind}
-
-
-def _pass_costs(costs: Costs, chunks: int) -> list[float]:
-    """Cost of ``F``, ``B``, ``I``, ``W`` on one chunk: the stage's share over ``chunks``."""
-    whole = [costs.forward, costs.backward, costs.backward_input, costs.backward_weight]
-    return whole if chunks == 1 else [cost / chunks for cost in whole]
-
-
-def _peers(
-    stages: int, chunks: int, placement: PipeSchedule | None
-) -> tuple[list[list[int]], list[list[int]]]:
-    """Per stage and chunk: the stage of the previous and of the next virtual stage (-1: none)."""
-    total = stages * chunks
-    prev: list[list[int]] = []
-    nxt: list[list[int]] = []
-    for stage in range(stages):
-        prev_row, next_row = [], []
-        for chunk in range(chunks):
-            if placement is None:
-                virtual = chunk * stages + stage
-                prev_row.append((virtual - 1) % stages if virtual > 0 else -1)
-                next_row.append((virtual + 1) % stages if virtual < total - 1 else -1)
-            else:
-                before = placement.placement.prev(stage, chunk)
-                after = placement.placement.next(stage, chunk)
-                prev_row.append(-1 if before is None else before[0])
-                next_row.append(-1 if after is None else after[0])
-        prev.append(prev_row)
-        nxt.append(next_row)
-    return prev, nxt
+_Table = Sequence[Sequence[Sequence[PipeInstruction]]]
 
 
 def simulate(
-    schedule: ScheduleFactory | Sequence[Sequence[Sequence[PipeInstruction]]],
+    schedule: ScheduleFactory | Program | _Table,
     costs: Costs | None = None,
     *,
     micro_batches: int | None = None,
     stages: int | None = None,
-    placement: PipeSchedule | None = None,
+    placement: Placement | PipeSchedule | None = None,
     record_events: bool = True,
+    memory: ActivationMemory | None = None,
     **kwargs: object,
 ) -> SimResult:
     """Simulate one batch of a schedule over all its stages.
@@ -245,16 +164,17 @@ def simulate(
     Args:
         schedule: a schedule class or factory, called as
             ``schedule(micro_batches, stages, stage_id, **kwargs)`` for every stage;
-            or a table ``table[stage][step]`` of instructions already built (as
-            :func:`~stagewise.schedule.check.schedule_table` returns).
+            a :class:`~stagewise.schedule.program.Program` (fastest: a checked one is
+            not layered again); or a table ``table[stage][step]`` of instructions
+            (as :func:`~stagewise.schedule.check.schedule_table` returns).
         costs: the cost model; by default every pass costs 1 and sends are free.
         micro_batches: micro-batches per batch (with a factory).
         stages: pipeline stages (with a factory).
-        placement: with a table, a schedule object whose ``num_chunks``,
-            ``virtual_stage`` and ``locate`` place the chunks; by default chunk ``c``
-            of stage ``s`` is virtual stage ``c * stages + s`` (loop placement), with
-            as many chunks as the table names.
+        placement: with a table, where the chunks are (a ``Placement``, or a schedule
+            object, whose placement is used); by default a loop placement with as
+            many chunks as the table names.
         record_events: keep one :class:`TimelineEvent` per compute pass.
+        memory: activation bytes, for ``peak_activation_bytes``.
         **kwargs: passed on to a factory (e.g. ``virtual_stages=2``).
 
     Raises:
@@ -263,31 +183,29 @@ def simulate(
         ValueError: the arguments do not fit together.
     """
     costs = costs if costs is not None else Costs()
-    with gc_paused():
-        table, placement = _resolve(schedule, micro_batches, stages, placement, kwargs)
-        return _run(table, placement, costs, record_events)
-
-
-_Table = Sequence[Sequence[Sequence[PipeInstruction]]]
+    program = _resolve(schedule, micro_batches, stages, placement, kwargs)
+    return _run(program, costs, record_events, memory)
 
 
 def _resolve(
-    schedule: ScheduleFactory | _Table,
+    schedule: ScheduleFactory | Program | _Table,
     micro_batches: int | None,
     stages: int | None,
-    placement: PipeSchedule | None,
+    placement: Placement | PipeSchedule | None,
     kwargs: dict[str, object],
-) -> tuple[_Table, PipeSchedule | None]:
-    """The table to simulate and the schedule object that places its chunks."""
+) -> Program:
+    """The program to simulate."""
+    if isinstance(schedule, Program):
+        if kwargs or micro_batches is not None or stages not in (None, schedule.num_stages):
+            raise ValueError("simulate(program, ...) takes no schedule arguments: it has them")
+        return schedule
     if callable(schedule):
         if micro_batches is None or stages is None:
             raise ValueError(
                 "simulate(factory, ...) needs micro_batches= and stages=, got "
                 f"micro_batches={micro_batches}, stages={stages}"
             )
-        schedules = [schedule(micro_batches, stages, s, **kwargs) for s in range(stages)]
-        table = [[list(step) for step in sched.steps()] for sched in schedules]
-        return table, schedules[0]
+        return schedule_program(schedule, micro_batches, stages, **kwargs)
     if kwargs or micro_batches is not None:
         raise ValueError(
             "simulate(table, ...) takes no schedule arguments (micro_batches, "
@@ -295,143 +213,162 @@ def _resolve(
         )
     if stages is not None and stages != len(schedule):
         raise ValueError(f"stages={stages} but the table has {len(schedule)} stages")
-    if placement is not None and placement.stages != len(schedule):
+    if len(schedule) == 0:
+        raise ValueError("cannot simulate a table without stages")
+    layout = placement.placement if isinstance(placement, PipeSchedule) else placement
+    if layout is not None and layout.stages != len(schedule):
         raise ValueError(
-            f"the placement has {placement.stages} stages but the table has {len(schedule)}"
+            f"the placement has {layout.stages} stages but the table has {len(schedule)}"
         )
-    return schedule, placement
+    try:
+        program = Program.from_table(schedule, layout or Placement(len(schedule)), 1)
+    except NotAnInstruction as error:
+        raise ValueError(f"stage {getattr(error, 'stage', 0)}: {error}") from None
+    chunks = 1 + max((int(stage.chunk.max(initial=0)) for stage in program.stages), default=0)
+    micro = 1 + max((int(stage.micro_batch.max(initial=0)) for stage in program.stages), default=0)
+    training = getattr(placement, "training", None) if isinstance(placement, PipeSchedule) else None
+    return Program(
+        program.stages,
+        layout or Placement(len(schedule), chunks),
+        micro,
+        training=training,
+        replicated=bool(getattr(placement, "replicated", False)),
+    )
+
+
+def _graph(program: Program) -> Dependencies:
+    """The layered graph: the checker's when it ran (and all finished), else its own."""
+    checked = program.cache.get("deps:True")
+    if checked is not None and checked.done.all():
+        return cast(Dependencies, checked)
+    return dependencies_of(program, collectives=False)
 
 
 def _run(
-    table: _Table, placement: PipeSchedule | None, costs: Costs, record_events: bool
+    program: Program, costs: Costs, record_events: bool, memory: ActivationMemory | None
 ) -> SimResult:
-    """The event-driven simulation itself (see the module doc)."""
-    num_stages = len(table)
-    if num_stages == 0:
-        raise ValueError("cannot simulate a table without stages")
-    flats = [[ins for step in row for ins in step] for row in table]
-    if placement is not None:
-        chunks = placement.num_chunks
-    else:
-        chunks = 1 + max((getattr(ins, "chunk_id", 0) for flat in flats for ins in flat), default=0)
-    training = getattr(placement, "training", None)
-    if training is None:
-        training = any(ins.kind.is_backward for flat in flats for ins in flat)
-    prev_stage, next_stage = _peers(num_stages, chunks, placement)
+    """The simulation itself (see the module doc)."""
+    deps = _graph(program)
+    if not deps.done[: deps.num_blocks].all():
+        problem, marks = deadlock_report(program, deps)  # type: ignore[misc]
+        grid = program.grid()
+        raise ScheduleError(
+            problem,
+            grid,
+            [_position(program, stage, row) for stage, row in marks],
+        )
+    placement, stages, chunks = program.placement, program.num_stages, program.chunks
+    kinds, offsets = program.concat("kind"), program.offsets
+    virtual_count = placement.num_virtual_stages
+    virtual = np.array([placement.virtual_stages_of(s) for s in range(stages)], np.int64)
 
-    # each instruction class maps to its simulator decision once
-    opcodes: dict[type, tuple[_Op, bool]] = {}
-    cost_of = _pass_costs(costs, chunks)
-    send_cost = costs.send
-    pc = [0] * num_stages
-    clock: list[float] = [0] * num_stages
-    busy: list[float] = [0] * num_stages
-    held = [0] * num_stages
-    peak = [0] * num_stages
-    # (instruction, start) per compute pass; events are made from them on demand
-    starts: list[list[tuple[PipeInstruction, float]]] = [[] for _ in range(num_stages)]
-    queues: dict[tuple[int, int], deque[float]] = {}  # (src, dst) -> arrival times
-    waiting: dict[tuple[int, int], int] = {}  # (src, dst) -> the stage blocked on it
-    ready = deque(range(num_stages))
+    # compute rows and their costs, by kind and virtual stage
+    is_compute = kind_mask("is_compute")[kinds]
+    rows = np.flatnonzero(is_compute)
+    kind = kinds[rows]
+    stage_of = program.stage_of_row[rows]
+    chunk = np.clip(program.concat("chunk")[rows], 0, chunks - 1)
+    virtual_of = virtual[stage_of, chunk]
+    forward = costs.per_virtual_stage("forward", virtual_count, chunks)
+    grad_in = costs.per_virtual_stage("backward_input", virtual_count, chunks)
+    grad_w = costs.per_virtual_stage("backward_weight", virtual_count, chunks)
+    table = np.stack([forward, grad_in + grad_w, grad_in, grad_w])  # by SimOp value
+    cost = table[OP_OF[kind], virtual_of]
+    spent = np.concatenate([[0.0], np.cumsum(cost)])  # compute time before each compute row
+    computed = np.cumsum(is_compute, dtype=np.int32)  # compute rows up to each row
 
-    while ready:
-        stage = ready.popleft()
-        flat = flats[stage]
-        prevs, nexts = prev_stage[stage], next_stage[stage]
-        record = starts[stage].append if record_events else None
-        now, work = clock[stage], busy[stage]
-        live, top = held[stage], peak[stage]
-        done = len(flat)
-        for i in range(pc[stage], done):
-            ins = flat[i]
-            decision = opcodes.get(type(ins))
-            if decision is None:
-                decision = opcodes[type(ins)] = (_OP_OF[ins.kind], ins.kind.is_activation)
-            op, activation = decision
-            if op == _Op.FREE:
-                continue
-            if op <= _Op.BACKWARD_WEIGHT:  # compute
-                if op == _Op.FORWARD:
-                    live += 1
-                    if live > top:
-                        top = live
-                elif op != _Op.BACKWARD_INPUT:  # a B or a W ends the micro-batch's hold
-                    live -= 1
-                if record is not None:
-                    record((ins, now))
-                cost = cost_of[op]
-                now += cost
-                work += cost
-            elif op == _Op.SEND:  # buffered, arrives send_cost later
-                chunk = ins.chunk_id  # type: ignore[attr-defined]
-                link = (stage, nexts[chunk] if activation else prevs[chunk])
-                queue = queues.get(link)
-                if queue is None:
-                    queue = queues[link] = deque()
-                queue.append(now + send_cost)
-                if link in waiting:
-                    ready.append(waiting.pop(link))
-            else:  # receive: blocks until the link's next message has arrived
-                chunk = ins.chunk_id  # type: ignore[attr-defined]
-                link = (prevs[chunk] if activation else nexts[chunk], stage)
-                queue = queues.get(link)
-                if not queue:
-                    waiting[link] = stage
-                    done = i
-                    break
-                arrival = queue.popleft()
-                if arrival > now:
-                    now = arrival
-        pc[stage], clock[stage], busy[stage] = done, now, work
-        held[stage], peak[stage] = live, top
+    def before(at: Ints) -> Floats:
+        """Compute time along all stages before each row of ``at``."""
+        return spent[computed[at] - is_compute[at]]
 
-    stuck = [stage for stage in range(num_stages) if pc[stage] < len(flats[stage])]
-    if stuck:
-        raise _deadlock(table, flats, pc, stuck, prev_stage, next_stage)
-    if not training:  # inference frees each micro-batch's activations after its forward
-        peak = [min(p, 1) for p in peak]
+    # per block: how long it runs, and when its message arrives after its source starts
+    n, start = deps.num_blocks, deps.block_start
+    at_start = before(start)
+    length = np.diff(np.concatenate([at_start, [spent[-1]]]))
+    wait = np.zeros(n)
+    has_msg = deps.source >= 0
+    if has_msg.any():
+        t = transfers_of(program)
+        send_rows = t.rows[deps.send[has_msg]]
+        send_stage = program.stage_of_row[send_rows]
+        send_virtual = virtual[
+            send_stage, np.clip(program.concat("chunk")[send_rows], 0, chunks - 1)
+        ]
+        activation = kinds[send_rows] == Kind.SEND_ACTIVATION
+        boundary = costs.per_boundary(virtual_count)
+        crossed = np.where(activation, send_virtual, send_virtual - 1)
+        wire = boundary[crossed] if boundary.size else 0.0
+        wait[has_msg] = before(send_rows) - at_start[deps.source[has_msg]] + wire
+    chain_pred = np.where(deps.chain >= 0, deps.chain, n)
+    chain_wait = np.where(deps.chain >= 0, length[np.maximum(deps.chain, 0)], 0.0)
+    msg_pred = np.where(has_msg, deps.source, n)
+    begin = _sweep(deps, chain_pred, chain_wait, msg_pred, wait)
 
-    makespan = max(clock)
-    idle = num_stages * makespan - sum(busy)
-    bubble = idle / (num_stages * makespan) if makespan > 0 else 0.0
+    # results per stage
+    finish = np.zeros(stages)
+    nonempty = np.flatnonzero(np.diff(offsets) > 0)
+    last_block = deps.block_of_row[offsets[1:][nonempty] - 1]
+    finish[nonempty] = begin[last_block] + length[last_block]
+    segment = np.searchsorted(rows, offsets)  # each stage's compute rows
+    busy = spent[segment[1:]] - spent[segment[:-1]]
+    makespan = float(finish.max()) if stages else 0.0
+    idle = stages * makespan - float(busy.sum())
+    bubble = idle / (stages * makespan) if makespan > 0 else 0.0
+    training = program.is_training()
+    peaks = peak_activations(kind, segment, training)
+    peak_bytes = None
+    if memory is not None:
+        made, kept = memory.tables(virtual_count, chunks)
+        peak_bytes = peak_activation_bytes(
+            kind, made[virtual_of], kept[virtual_of], segment, training
+        )
+    timeline = None
+    if record_events:
+        block = deps.block_of_row[rows]
+        starts = begin[block] + spent[:-1] - at_start[block]
+        timeline = (rows, starts, cost)
     return SimResult(
         makespan=makespan,
         bubble_fraction=bubble,
-        peak_activations=peak,
-        peak_memory=[p / chunks for p in peak],
-        busy=busy,
+        peak_activations=peaks,
+        peak_memory=[p / chunks for p in peaks],
+        busy=busy.tolist(),
         costs=costs,
         chunks=chunks,
-        _starts=starts,
+        peak_activation_bytes=peak_bytes,
+        _program=program,
+        _timeline=timeline,
     )
 
 
-def _deadlock(
-    table: _Table,
-    flats: list[list[PipeInstruction]],
-    pc: list[int],
-    stuck: list[int],
-    prev_stage: list[list[int]],
-    next_stage: list[list[int]],
-) -> ScheduleError:
-    """The error for a simulation where ``stuck`` stages wait forever."""
-    lines, marks = [], []
-    for stage in stuck:
-        ins = flats[stage][pc[stage]]
-        chunk = getattr(ins, "chunk_id", 0)
-        peer = prev_stage[stage][chunk] if ins.kind.is_activation else next_stage[stage][chunk]
-        # the position of the stuck instruction in the table
-        index = pc[stage]
-        for step, row in enumerate(table[stage]):
-            if index < len(row):
-                marks.append(Position(stage, step, index))
-                lines.append(f"  stage {stage}: {ins!r} at step {step} waits for stage {peer}")
-                break
-            index -= len(row)
-    return ScheduleError(
-        "deadlock: with buffered sends and blocking receives, no stage can go on:\n"
-        + "\n".join(lines)
-        + "\nreorder the steps so that every receive's send is issued before it",
-        [[list(step) for step in row] for row in table],
-        marks,
-    )
+def _position(program: Program, stage: int, row: int) -> Position:
+    return Position(stage, *program.stages[stage].position(row))
+
+
+def _sweep(
+    deps: Dependencies, chain_pred: Ints, chain_wait: Floats, msg_pred: Ints, msg_wait: Floats
+) -> Floats:
+    """Each block's start: the later of its chain and its message, level by level."""
+    n = deps.num_blocks
+    begin = np.zeros(n + 1)  # the last entry stands for "nothing to wait for"
+    if deps.sequential:
+        order = deps.levels[0]
+        order = order[order < n].tolist()
+        cp, cw, mp, mw = (
+            chain_pred.tolist(),
+            chain_wait.tolist(),
+            msg_pred.tolist(),
+            msg_wait.tolist(),
+        )
+        times = begin.tolist()
+        for b in order:
+            a = times[cp[b]] + cw[b]
+            m = times[mp[b]] + mw[b]
+            times[b] = a if a > m else m
+        return np.array(times)
+    for level in deps.levels:
+        level = level[level < n]
+        begin[level] = np.maximum(
+            begin[chain_pred[level]] + chain_wait[level], begin[msg_pred[level]] + msg_wait[level]
+        )
+    return begin

@@ -18,26 +18,33 @@ time at all; they are spelled out in each class. Any number of micro-batches wor
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import ClassVar
 
-from stagewise.schedule.order import Pass, PassOrderSchedule
+import numpy as np
+
+from stagewise.schedule.order import PassArrays, PassOrderSchedule, pass_kind
 from stagewise.schedule.placement import PlacementKind
 
 __all__ = ["ZBVSchedule", "ZeroBubbleH1Schedule"]
 
 
-def _periodic(plan: Sequence[tuple[str, int, int]], micro_batches: int) -> Iterator[Pass]:
+def periodic(plan: Sequence[tuple[str, int, int]], micro_batches: int) -> PassArrays:
     """Run ``plan`` — ``(kind, chunk, lag)`` per pass of one iteration — until done.
 
     Iteration ``k`` runs each planned pass on micro-batch ``k - lag``, skipping
     micro-batches outside the batch.
     """
-    for k in range(micro_batches + max(lag for _, _, lag in plan)):
-        for kind, chunk, lag in plan:
-            mb = k - lag
-            if 0 <= mb < micro_batches:
-                yield Pass(kind, mb, chunk)
+    kind = np.array([pass_kind(k) for k, _, _ in plan], np.int64)
+    chunk = np.array([c for _, c, _ in plan], np.int64)
+    lag = np.array([lag for _, _, lag in plan], np.int64)
+    iterations = micro_batches + int(lag.max())
+    mb = np.arange(iterations)[:, None] - lag[None, :]  # (iteration, pass of the plan)
+    run = (mb >= 0) & (mb < micro_batches)
+    shape = mb.shape
+    return PassArrays(
+        np.broadcast_to(kind, shape)[run], mb[run], np.broadcast_to(chunk, shape)[run]
+    )
 
 
 class ZeroBubbleH1Schedule(PassOrderSchedule):
@@ -64,11 +71,11 @@ class ZeroBubbleH1Schedule(PassOrderSchedule):
         stage 3  .  .  .  F0 I0 F1 I1 F2 I2 F3 I3 W0 F4 I4 W1 F5 I5 W2 W3 W4 W5
     """
 
-    def pass_order(self, stage_id: int) -> Iterator[Pass]:
+    def pass_arrays(self, stage_id: int) -> PassArrays:
         """``F(k), I(k - (S-1-s)), W(k - (S-1))`` for ``k = 0, 1, ...``."""
         stages = self.stages
         plan = [("F", 0, 0), ("I", 0, stages - 1 - stage_id), ("W", 0, stages - 1)]
-        return _periodic(plan, self.micro_batches)
+        return periodic(plan, self.micro_batches)
 
 
 class ZBVSchedule(PassOrderSchedule):
@@ -103,7 +110,7 @@ class ZBVSchedule(PassOrderSchedule):
     num_chunks = 2
     placement_kind: ClassVar[PlacementKind] = PlacementKind.V
 
-    def pass_order(self, stage_id: int) -> Iterator[Pass]:
+    def pass_arrays(self, stage_id: int) -> PassArrays:
         """The six passes of each iteration, lagged as in the class doc."""
         stages = self.stages
         back = stages - 1 - stage_id  # iterations the way back up adds per stage
@@ -115,4 +122,4 @@ class ZBVSchedule(PassOrderSchedule):
             ("I", 0, stages - 1 + back),
             ("W", 0, stages - 1 + back),
         ]
-        return _periodic(plan, self.micro_batches)
+        return periodic(plan, self.micro_batches)

@@ -19,43 +19,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from itertools import compress
-from operator import attrgetter
-
 import numpy as np
 
 from stagewise.schedule.check.state import Bools, CheckState, Ints
 from stagewise.schedule.kinds import Kind, kind_mask
 
-__all__ = ["StageRows", "check_stage"]
-
-_GET_MB = attrgetter("micro_batch_id")
-_GET_CHUNK = attrgetter("chunk_id")
-_GET_BUFFER = attrgetter("buffer_id")
+__all__ = ["check_stage"]
 
 
-@dataclass
-class StageRows:
-    """One stage's buffer instructions as arrays (rows index its flat list)."""
-
-    rows: Ints
-    kind: Ints
-    micro_batch: Ints
-    chunk: Ints
-    buffer: Ints
-
-
-def check_stage(state: CheckState, stage: int) -> StageRows:
-    """Check the rules of one stage; return its buffer instructions as arrays."""
-    kinds = state.kinds[stage]
+def check_stage(state: CheckState, stage: int) -> None:
+    """Check the rules of one stage."""
+    program = state.program.stages[stage]
+    kinds = program.kind
     buffered = kind_mask("is_buffer_op")[kinds]
-    rows = np.flatnonzero(buffered)
-    ops = list(compress(state.flat[stage], buffered.tolist()))
-    mb = np.fromiter(map(_GET_MB, ops), np.int64, len(ops))
-    chunk = np.fromiter(map(_GET_CHUNK, ops), np.int64, len(ops))
-    buffer = np.fromiter(map(_GET_BUFFER, ops), np.int64, len(ops))
-    kind = kinds[rows]
+    if buffered.all():
+        rows = np.arange(len(kinds))
+        mb, chunk, buffer, kind = program.micro_batch, program.chunk, program.buffer, kinds
+    else:
+        rows = np.flatnonzero(buffered)
+        mb, chunk, buffer = program.micro_batch[rows], program.chunk[rows], program.buffer[rows]
+        kind = kinds[rows]
+    kind = kind.astype(np.int64)  # keys below multiply kinds
     _check_ranges(state, stage, rows, mb, chunk, buffer)
     micro_batches, chunks = state.micro_batches, state.chunks
 
@@ -87,7 +71,6 @@ def check_stage(state: CheckState, stage: int) -> StageRows:
     last_compute = int(compute[-1]) if compute.size else -1
     _check_reductions(state, stage, kinds, last_compute)
     _check_buffers(state, stage, rows, mb, chunk, buffer)
-    return StageRows(rows, kind, mb, chunk, buffer)
 
 
 def _check_ranges(
