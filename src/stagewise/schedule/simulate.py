@@ -45,6 +45,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import pairwise
 from typing import Any, cast
 
 import numpy as np
@@ -244,89 +245,132 @@ def _graph(program: Program) -> Dependencies:
     return dependencies_of(program, collectives=False)
 
 
+@dataclass(eq=False)
+class _Frame:
+    """What a simulation needs that no cost changes, built once per program.
+
+    Times are read off one running sum of compute costs over all stages
+    (``spent``): ``at_start`` indexes it at each block's start, ``at_send`` at the
+    send that each block's message comes from.
+    """
+
+    deps: Dependencies
+    rows: Ints  # the compute rows
+    kind: Ints  # their kinds
+    virtual_of: Ints  # their virtual stages
+    segment: Ints  # each stage's compute rows: segment[s]:segment[s + 1]
+    at_start: Ints  # per block: compute rows before its start
+    msg: Ints  # the blocks that start with a (met) receive
+    at_send: Ints  # per such block: compute rows before its send
+    crossed: Ints  # per such block: the boundary its message crosses
+    chain_pred: Ints  # per block: the previous block of its stage, or n
+    msg_pred: Ints  # per block: the block its message comes from, or n
+    last_block: Ints  # per stage with instructions: its last block
+    nonempty: Ints  # the stages with instructions
+    compute_block: Ints  # per compute row: its block
+    order: Ints  # the blocks in the order of the levels (joins left out)
+    bounds: list[int]  # where each level starts in ``order`` (and where the last ends)
+
+
+def _frame(program: Program) -> _Frame:
+    deps = _graph(program)
+    key = f"frame:{id(deps)}"
+    cached = program.cache.get(key)
+    if cached is not None:
+        return cast(_Frame, cached)
+    if not deps.done[: deps.num_blocks].all():
+        problem, marks = deadlock_report(program, deps)  # type: ignore[misc]
+        raise ScheduleError(
+            problem, program.grid(), [_position(program, stage, row) for stage, row in marks]
+        )
+    placement, stages, chunks = program.placement, program.num_stages, program.chunks
+    kinds, offsets = program.concat("kind"), program.offsets
+    virtual = np.array([placement.virtual_stages_of(s) for s in range(stages)], np.int64)
+    is_compute = kind_mask("is_compute")[kinds]
+    rows = np.flatnonzero(is_compute)
+    chunk = np.clip(program.concat("chunk")[rows], 0, chunks - 1)
+    virtual_of = virtual[program.stage_of_row[rows], chunk]
+    computed = np.cumsum(is_compute, dtype=np.int32)  # compute rows up to each row
+
+    def before(at: Ints) -> Ints:
+        return computed[at] - is_compute[at]
+
+    n = deps.num_blocks
+    msg = np.flatnonzero(deps.source >= 0)
+    send_rows = transfers_of(program).rows[deps.send[msg]]
+    send_chunk = np.clip(program.concat("chunk")[send_rows], 0, chunks - 1)
+    send_virtual = virtual[program.stage_of_row[send_rows], send_chunk]
+    activation = kinds[send_rows] == Kind.SEND_ACTIVATION
+    nonempty = np.flatnonzero(np.diff(offsets) > 0)
+    levels = [level[level < n] for level in deps.levels]
+    order = np.concatenate([np.zeros(0, np.int64), *levels])
+    bounds = np.concatenate([[0], np.cumsum([len(level) for level in levels])]).tolist()
+    frame = _Frame(
+        deps=deps,
+        rows=rows,
+        kind=kinds[rows],
+        virtual_of=virtual_of,
+        segment=np.searchsorted(rows, offsets),
+        at_start=before(deps.block_start),
+        msg=msg,
+        at_send=before(send_rows),
+        crossed=np.where(activation, send_virtual, send_virtual - 1),
+        chain_pred=np.where(deps.chain >= 0, deps.chain, n),
+        msg_pred=np.where(deps.source >= 0, deps.source, n),
+        last_block=deps.block_of_row[offsets[1:][nonempty] - 1],
+        nonempty=nonempty,
+        compute_block=deps.block_of_row[rows],
+        order=order,
+        bounds=bounds,
+    )
+    program.cache[key] = frame
+    return frame
+
+
 def _run(
     program: Program, costs: Costs, record_events: bool, memory: ActivationMemory | None
 ) -> SimResult:
     """The simulation itself (see the module doc)."""
-    deps = _graph(program)
-    if not deps.done[: deps.num_blocks].all():
-        problem, marks = deadlock_report(program, deps)  # type: ignore[misc]
-        grid = program.grid()
-        raise ScheduleError(
-            problem,
-            grid,
-            [_position(program, stage, row) for stage, row in marks],
-        )
-    placement, stages, chunks = program.placement, program.num_stages, program.chunks
-    kinds, offsets = program.concat("kind"), program.offsets
-    virtual_count = placement.num_virtual_stages
-    virtual = np.array([placement.virtual_stages_of(s) for s in range(stages)], np.int64)
-
-    # compute rows and their costs, by kind and virtual stage
-    is_compute = kind_mask("is_compute")[kinds]
-    rows = np.flatnonzero(is_compute)
-    kind = kinds[rows]
-    stage_of = program.stage_of_row[rows]
-    chunk = np.clip(program.concat("chunk")[rows], 0, chunks - 1)
-    virtual_of = virtual[stage_of, chunk]
+    f = _frame(program)
+    stages, chunks = program.num_stages, program.chunks
+    virtual_count = program.placement.num_virtual_stages
     forward = costs.per_virtual_stage("forward", virtual_count, chunks)
     grad_in = costs.per_virtual_stage("backward_input", virtual_count, chunks)
     grad_w = costs.per_virtual_stage("backward_weight", virtual_count, chunks)
     table = np.stack([forward, grad_in + grad_w, grad_in, grad_w])  # by SimOp value
-    cost = table[OP_OF[kind], virtual_of]
+    cost = table[OP_OF[f.kind], f.virtual_of]
     spent = np.concatenate([[0.0], np.cumsum(cost)])  # compute time before each compute row
-    computed = np.cumsum(is_compute, dtype=np.int32)  # compute rows up to each row
-
-    def before(at: Ints) -> Floats:
-        """Compute time along all stages before each row of ``at``."""
-        return spent[computed[at] - is_compute[at]]
 
     # per block: how long it runs, and when its message arrives after its source starts
-    n, start = deps.num_blocks, deps.block_start
-    at_start = before(start)
+    at_start = spent[f.at_start]
     length = np.diff(np.concatenate([at_start, [spent[-1]]]))
-    wait = np.zeros(n)
-    has_msg = deps.source >= 0
-    if has_msg.any():
-        t = transfers_of(program)
-        send_rows = t.rows[deps.send[has_msg]]
-        send_stage = program.stage_of_row[send_rows]
-        send_virtual = virtual[
-            send_stage, np.clip(program.concat("chunk")[send_rows], 0, chunks - 1)
-        ]
-        activation = kinds[send_rows] == Kind.SEND_ACTIVATION
+    wait = np.zeros(f.deps.num_blocks)
+    if f.msg.size:
         boundary = costs.per_boundary(virtual_count)
-        crossed = np.where(activation, send_virtual, send_virtual - 1)
-        wire = boundary[crossed] if boundary.size else 0.0
-        wait[has_msg] = before(send_rows) - at_start[deps.source[has_msg]] + wire
-    chain_pred = np.where(deps.chain >= 0, deps.chain, n)
-    chain_wait = np.where(deps.chain >= 0, length[np.maximum(deps.chain, 0)], 0.0)
-    msg_pred = np.where(has_msg, deps.source, n)
-    begin = _sweep(deps, chain_pred, chain_wait, msg_pred, wait)
+        wire = boundary[f.crossed] if boundary.size else 0.0
+        wait[f.msg] = spent[f.at_send] - at_start[f.msg_pred[f.msg]] + wire
+    chain_wait = np.where(f.deps.chain >= 0, length[np.maximum(f.deps.chain, 0)], 0.0)
+    begin = _sweep(f, chain_wait, wait)
 
     # results per stage
     finish = np.zeros(stages)
-    nonempty = np.flatnonzero(np.diff(offsets) > 0)
-    last_block = deps.block_of_row[offsets[1:][nonempty] - 1]
-    finish[nonempty] = begin[last_block] + length[last_block]
-    segment = np.searchsorted(rows, offsets)  # each stage's compute rows
-    busy = spent[segment[1:]] - spent[segment[:-1]]
+    finish[f.nonempty] = begin[f.last_block] + length[f.last_block]
+    busy = spent[f.segment[1:]] - spent[f.segment[:-1]]
     makespan = float(finish.max()) if stages else 0.0
     idle = stages * makespan - float(busy.sum())
     bubble = idle / (stages * makespan) if makespan > 0 else 0.0
     training = program.is_training()
-    peaks = peak_activations(kind, segment, training)
+    peaks = peak_activations(f.kind, f.segment, training)
     peak_bytes = None
     if memory is not None:
         made, kept = memory.tables(virtual_count, chunks)
         peak_bytes = peak_activation_bytes(
-            kind, made[virtual_of], kept[virtual_of], segment, training
+            f.kind, made[f.virtual_of], kept[f.virtual_of], f.segment, training
         )
     timeline = None
     if record_events:
-        block = deps.block_of_row[rows]
-        starts = begin[block] + spent[:-1] - at_start[block]
-        timeline = (rows, starts, cost)
+        starts = begin[f.compute_block] + spent[:-1] - at_start[f.compute_block]
+        timeline = (f.rows, starts, cost)
     return SimResult(
         makespan=makespan,
         bubble_fraction=bubble,
@@ -345,30 +389,24 @@ def _position(program: Program, stage: int, row: int) -> Position:
     return Position(stage, *program.stages[stage].position(row))
 
 
-def _sweep(
-    deps: Dependencies, chain_pred: Ints, chain_wait: Floats, msg_pred: Ints, msg_wait: Floats
-) -> Floats:
+def _sweep(f: _Frame, chain_wait: Floats, msg_wait: Floats) -> Floats:
     """Each block's start: the later of its chain and its message, level by level."""
-    n = deps.num_blocks
+    n = f.deps.num_blocks
     begin = np.zeros(n + 1)  # the last entry stands for "nothing to wait for"
-    if deps.sequential:
-        order = deps.levels[0]
-        order = order[order < n].tolist()
-        cp, cw, mp, mw = (
-            chain_pred.tolist(),
-            chain_wait.tolist(),
-            msg_pred.tolist(),
-            msg_wait.tolist(),
-        )
+    order, bounds = f.order, f.bounds
+    chain_pred, msg_pred = f.chain_pred[order], f.msg_pred[order]
+    chain_wait, msg_wait = chain_wait[order], msg_wait[order]
+    if f.deps.sequential:  # few stages: one block at a time in plain Python
         times = begin.tolist()
-        for b in order:
-            a = times[cp[b]] + cw[b]
-            m = times[mp[b]] + mw[b]
+        for b, cp, cw, mp, mw in zip(
+            order.tolist(), chain_pred.tolist(), chain_wait.tolist(), msg_pred.tolist(),
+            msg_wait.tolist(), strict=True,
+        ):  # fmt: skip
+            a, m = times[cp] + cw, times[mp] + mw
             times[b] = a if a > m else m
         return np.array(times)
-    for level in deps.levels:
-        level = level[level < n]
-        begin[level] = np.maximum(
-            begin[chain_pred[level]] + chain_wait[level], begin[msg_pred[level]] + msg_wait[level]
+    for lo, hi in pairwise(bounds):
+        begin[order[lo:hi]] = np.maximum(
+            begin[chain_pred[lo:hi]] + chain_wait[lo:hi], begin[msg_pred[lo:hi]] + msg_wait[lo:hi]
         )
     return begin

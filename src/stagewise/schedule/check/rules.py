@@ -77,34 +77,35 @@ def _check_ranges(
     state: CheckState, stage: int, rows: Ints, mb: Ints, chunk: Ints, buffer: Ints
 ) -> None:
     """Micro-batch, chunk and buffer ids within the schedule's sizes."""
+    if not rows.size:
+        return
     micro_batches, chunks = state.micro_batches, state.chunks
-    bad = np.flatnonzero((mb < 0) | (mb >= micro_batches))
-    if bad.size:
+    if mb.min() < 0 or mb.max() >= micro_batches:
+        bad = np.flatnonzero((mb < 0) | (mb >= micro_batches))
         row = rows[bad[0]]
         raise state.fail(
             f"stage {stage}: {state.where(stage, row)} names micro-batch {mb[bad[0]]}, "
             f"but the batch has micro-batches 0..{micro_batches - 1}",
             (stage, row),
         )
-    bad = np.flatnonzero(chunk >= chunks)
-    if bad.size:
+    if chunk.max() >= chunks:
+        bad = np.flatnonzero(chunk >= chunks)
         row = rows[bad[0]]
         raise state.fail(
             f"stage {stage}: {state.where(stage, row)} names chunk {chunk[bad[0]]}, but "
             f"the schedule places {chunks} chunk(s) per stage",
             (stage, row),
         )
-    if state.num_buffers is not None:
+    if state.num_buffers is not None and buffer.max() >= state.num_buffers[stage]:
         limit = state.num_buffers[stage]
         bad = np.flatnonzero(buffer >= limit)
-        if bad.size:
-            row = rows[bad[0]]
-            raise state.fail(
-                f"stage {stage}: {state.where(stage, row)} uses buffer {buffer[bad[0]]}, "
-                f"but num_pipe_buffers() is {limit}: raise num_pipe_buffers() or "
-                f"reuse a lower buffer",
-                (stage, row),
-            )
+        row = rows[bad[0]]
+        raise state.fail(
+            f"stage {stage}: {state.where(stage, row)} uses buffer {buffer[bad[0]]}, "
+            f"but num_pipe_buffers() is {limit}: raise num_pipe_buffers() or "
+            f"reuse a lower buffer",
+            (stage, row),
+        )
 
 
 def _check_order(state: CheckState, stage: int, at: Ints, loads: Ints) -> None:
@@ -334,9 +335,12 @@ def _check_buffers(
     micro_batches = state.micro_batches
     last_use = np.full(state.chunks * micro_batches, -1, np.int64)
     last_use[chunk * micro_batches + mb] = rows  # the latest row wins
-    order = np.lexsort((rows, buffer, chunk))  # each buffer's users in program order
+    # each buffer's users in program order: rows are in order, so a stable sort by
+    # (chunk, buffer) alone does it (a radix sort when the key fits 16 bits)
+    key = chunk * (int(buffer.max()) + 1) + buffer
+    order = np.argsort(key.astype(np.int16) if key.max() < 2**15 else key, kind="stable")
     r, m, c, b = rows[order], mb[order], chunk[order], buffer[order]
-    handover = (c[1:] == c[:-1]) & (b[1:] == b[:-1]) & (m[1:] != m[:-1])
+    handover = (key[order][1:] == key[order][:-1]) & (m[1:] != m[:-1])
     early = handover & (last_use[c[:-1] * micro_batches + m[:-1]] > r[1:])
     bad = np.flatnonzero(early)
     if not bad.size:
