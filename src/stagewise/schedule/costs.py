@@ -130,12 +130,16 @@ def _check_number(label: str, value: Any) -> None:
         raise ValueError(f"{label} must be a finite number >= 0, got {value!r}")
 
 
+_UNITS = {"virtual stages": "virtual stage", "boundaries": "boundary"}
+
+
 def _table(owner: str, name: str, value: Value, size: int, divide: int, what: str) -> Floats:
+    """``value`` as one entry per ``what`` (a number is divided by ``divide``)."""
     if isinstance(value, tuple):
         if len(value) != size:
             raise ValueError(
                 f"{owner}.{name} has {len(value)} entries but the schedule has {size} "
-                f"{what}: give one per {what[:-1] if what.endswith('s') else what}, or one number"
+                f"{what}: give one per {_UNITS[what]}, or one number"
             )
         return np.array(value, np.float64)
     return np.full(size, value / divide if divide != 1 else value, np.float64)

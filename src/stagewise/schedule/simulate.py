@@ -4,11 +4,15 @@ The model, which the engine's real behaviour approximates:
 
 * each stage runs its instructions in order, one at a time;
 * a forward, an input-gradient pass and a weight-gradient pass cost what
-  :class:`~stagewise.schedule.costs.Costs` says for their virtual stage (a whole
-  backward both halves); with numbers, each of ``k`` chunks per stage takes
-  ``1/k`` of a stage's time, so makespans compare across schedules;
+  :class:`~stagewise.schedule.costs.Costs` says for their *virtual stage* (a whole
+  backward both halves): one number for every stage's whole share (each of ``k``
+  chunks per stage takes ``1/k`` of it, so makespans compare across schedules), or
+  one time per virtual stage when the stages' layers differ;
 * a send is asynchronous: the stage goes on at once, and the message arrives the
-  boundary's ``send`` time later;
+  ``send`` time of the boundary it crosses later (one number, or one per boundary
+  ``v -> v + 1``, used by the activation going down and the gradient coming back;
+  :meth:`~stagewise.schedule.costs.Costs.transfer_times` turns bytes, bandwidth and
+  latency into them);
 * a receive blocks until its message has arrived; between two stages messages are
   taken in the order they were sent (as the checker requires);
 * loads, reductions, the optimizer step and ``CUSTOM`` instructions take no time,
@@ -18,9 +22,12 @@ Results (:class:`SimResult`): the *makespan* (when the last stage finishes), the
 *bubble fraction* (the stages' idle time over ``stages × makespan``), the *peak
 activations* of each stage (the most micro-batches it holds at once: forwarded on a
 chunk, whose backward on that chunk, ``B`` or the ``W`` of a split one, has not
-finished; counted once per chunk and micro-batch), with
-:class:`~stagewise.schedule.costs.ActivationMemory` the peak activation *bytes*, and
-a :class:`TimelineEvent` per compute pass for
+finished; counted once per chunk and micro-batch), with ``memory=`` an
+:class:`~stagewise.schedule.costs.ActivationMemory` the *peak activation bytes* of
+each stage (bytes per micro-batch and virtual stage; with activation checkpointing
+only each virtual stage's input is kept, and the backward recomputes the rest: the
+accounting is spelled out in :mod:`~stagewise.schedule.costs`), and a
+:class:`TimelineEvent` per compute pass for
 :func:`~stagewise.schedule.render.render_timeline`.
 
 With integer costs every time is an integer, so the bubble fraction is the exact
@@ -252,8 +259,8 @@ def _run(
     at_start = spent[f.at_start]
     length = np.diff(np.concatenate([at_start, [spent[-1]]]))
     wait = np.zeros(f.deps.num_blocks)
+    boundary = costs.per_boundary(virtual_count)  # checked even without messages
     if f.msg.size:
-        boundary = costs.per_boundary(virtual_count)
         wire = boundary[f.crossed] if boundary.size else 0.0
         wait[f.msg] = spent[f.at_send] - at_start[f.msg_pred[f.msg]] + wire
     chain_wait = np.where(f.deps.chain >= 0, length[np.maximum(f.deps.chain, 0)], 0.0)
