@@ -93,7 +93,7 @@ def test_validation() -> None:
 def test_schedules_hold_the_layout_the_registry_gives(name: str) -> None:
     for stages in (1, 2, 5):
         layout = schedule_layout(name, None, stages)
-        schedule = schedule_factory(name)(4, stages, 0)
+        schedule = schedule_factory(name)(2 * stages, stages, 0)  # dualpipev: M >= 2S
         assert schedule.placement == layout
         assert schedule.num_chunks == layout.chunks
         for stage in range(stages):

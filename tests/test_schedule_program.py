@@ -45,6 +45,11 @@ FACTORIES = [(name, schedule_factory(name)) for name in schedule_names()] + [
 SIZES = [(1, 1), (1, 4), (2, 1), (2, 5), (3, 7), (4, 4), (4, 9), (5, 12)]
 
 
+def sizes(name: str) -> list[tuple[int, int]]:
+    """The (stages, micro-batches) of SIZES the schedule accepts (dualpipev: M >= 2S)."""
+    return [(s, m) for s, m in SIZES if name != "dualpipev" or m >= 2 * s]
+
+
 # -- a plain reference simulator -------------------------------------------------------
 def reference(program: Program, costs: Costs) -> tuple[float, list[float], list[tuple]]:
     """Event-driven: each stage runs until a receive finds its link empty."""
@@ -110,7 +115,7 @@ def random_costs(rng: random.Random, virtual: int) -> Costs:
 @pytest.mark.parametrize(("name", "factory"), FACTORIES, ids=[n for n, _ in FACTORIES])
 def test_simulator_matches_the_reference(name: str, factory: object) -> None:
     rng = random.Random(name)
-    for stages, micro_batches in SIZES:
+    for stages, micro_batches in sizes(name):
         program = schedule_program(factory, micro_batches, stages)  # type: ignore[arg-type]
         v_count = program.placement.num_virtual_stages
         for costs in (Costs(), Costs(1, 2, 1, 0.25), random_costs(rng, v_count)):
@@ -142,7 +147,7 @@ def test_numpy_and_python_layerings_agree(name: str, monkeypatch: pytest.MonkeyP
 # -- programs say what the steps say -------------------------------------------------------
 @pytest.mark.parametrize(("name", "factory"), FACTORIES, ids=[n for n, _ in FACTORIES])
 def test_program_and_steps_agree(name: str, factory: object) -> None:
-    for stages, micro_batches in SIZES:
+    for stages, micro_batches in sizes(name):
         program = schedule_program(factory, micro_batches, stages)  # type: ignore[arg-type]
         assert program.table() == schedule_table(factory, micro_batches, stages)  # type: ignore[arg-type]
         for stage, stage_program in enumerate(program.stages):

@@ -24,6 +24,7 @@ from stagewise.schedule.check import (
 )
 from stagewise.schedule.chunked_inference import ChunkedInferenceSchedule
 from stagewise.schedule.deepspeed import DataParallelSchedule, InferenceSchedule, TrainSchedule
+from stagewise.schedule.dualpipe import DualPipeVSchedule
 from stagewise.schedule.gpipe import GPipeSchedule
 from stagewise.schedule.instructions import (
     BackwardInputPass,
@@ -56,7 +57,7 @@ from stagewise.schedule.registry import (
     schedule_names,
 )
 from stagewise.schedule.simulate import ActivationMemory, Costs, SimResult, simulate
-from stagewise.schedule.zero_bubble import ZBVSchedule, ZeroBubbleH1Schedule
+from stagewise.schedule.zero_bubble import ZBVSchedule, ZeroBubbleH1Schedule, ZeroBubbleH2Schedule
 
 __all__ = [
     "ActivationMemory",
@@ -67,6 +68,7 @@ __all__ = [
     "ChunkedInferenceSchedule",
     "Costs",
     "DataParallelSchedule",
+    "DualPipeVSchedule",
     "ForwardPass",
     "GPipeSchedule",
     "InferenceSchedule",
@@ -98,6 +100,7 @@ __all__ = [
     "TrainSchedule",
     "ZBVSchedule",
     "ZeroBubbleH1Schedule",
+    "ZeroBubbleH2Schedule",
     "check_program",
     "check_schedule",
     "check_table",

@@ -7,7 +7,14 @@
   ``virtual_stages`` chunks per stage (default 2, ``pipeline.virtual_stages``);
 * ``"zb-h1"``: :class:`~stagewise.schedule.zero_bubble.ZeroBubbleH1Schedule`;
 * ``"zbv"``: :class:`~stagewise.schedule.zero_bubble.ZBVSchedule`, 2 chunks per
-  stage in a V.
+  stage in a V;
+* ``"zb-h2"``: :class:`~stagewise.schedule.zero_bubble.ZeroBubbleH2Schedule`, no
+  idle time inside the batch for ``2S - 1`` micro-batches held per stage;
+* ``"dualpipev"``: :class:`~stagewise.schedule.dualpipe.DualPipeVSchedule`, 2 chunks
+  per stage in a V, at least ``2 × stages`` micro-batches.
+
+Every schedule accepts any number of micro-batches except ``"dualpipev"``, which
+needs ``2 × stages`` or more (an error names the count to use).
 
 Names are case-insensitive and ``_`` may stand for ``-``. Each schedule class says
 itself how many chunks it runs and how they are placed
@@ -31,10 +38,11 @@ from typing import Any, cast
 from stagewise.schedule.base import PipeSchedule
 from stagewise.schedule.check import ScheduleFactory
 from stagewise.schedule.deepspeed import TrainSchedule
+from stagewise.schedule.dualpipe import DualPipeVSchedule
 from stagewise.schedule.gpipe import GPipeSchedule
 from stagewise.schedule.interleaved import InterleavedSchedule
 from stagewise.schedule.placement import Placement
-from stagewise.schedule.zero_bubble import ZBVSchedule, ZeroBubbleH1Schedule
+from stagewise.schedule.zero_bubble import ZBVSchedule, ZeroBubbleH1Schedule, ZeroBubbleH2Schedule
 
 __all__ = [
     "DEFAULT_SCHEDULE",
@@ -56,6 +64,8 @@ SCHEDULES: dict[str, type[PipeSchedule]] = {
     "interleaved": InterleavedSchedule,
     "zb-h1": ZeroBubbleH1Schedule,
     "zbv": ZBVSchedule,
+    "zb-h2": ZeroBubbleH2Schedule,
+    "dualpipev": DualPipeVSchedule,
 }
 
 
@@ -111,7 +121,7 @@ def schedule_factory(name: str, virtual_stages: int | None = None) -> ScheduleFa
 
     ``virtual_stages`` sets the chunks per stage of ``"interleaved"`` (default 2);
     for the other schedules it may only repeat their fixed count (1, or 2 for
-    ``"zbv"``). The factory is what :func:`~stagewise.schedule.check.check_schedule`
+    ``"zbv"`` and ``"dualpipev"``). The factory is what :func:`~stagewise.schedule.check.check_schedule`
     and :func:`~stagewise.schedule.simulate.simulate` take.
 
     Raises:
