@@ -138,13 +138,13 @@ class _Graph:
         for j, (blocks, _) in enumerate(deps.joins):
             self.wakes[blocks, 0] = n + j
         inline = rank < _INLINE
-        self.wakes[msg_src[inline], 1 + rank[inline]] = msg_dst[inline]
-        # the rest (a block sending many messages: a warm-up) in a sparse table
-        more_src, more_dst = msg_src[~inline], msg_dst[~inline]
+        flat = self.wakes.reshape(-1)
+        flat[(msg_src * (1 + _INLINE) + 1 + rank)[inline]] = msg_dst[inline]
+        # the rest (a block sending many messages: a warm-up) in a sparse table,
+        # sorted by source block (the sends are in program order)
+        self.more_src, self.more_dst = msg_src[~inline], msg_dst[~inline]
         self.has_more = np.zeros(n, bool)
-        self.has_more[more_src] = True
-        self.more_start = np.concatenate([[0], np.cumsum(np.bincount(more_src, minlength=n))])
-        self.more_dst = more_dst
+        self.has_more[self.more_src] = True
         self.join_blocks = [np.flatnonzero(deps.join == n + j) for j in range(len(deps.joins))]
 
 
@@ -236,8 +236,8 @@ def _levels_numpy(graph: _Graph) -> tuple[list[Ints], Bools]:
         woken = wakes[blocks].reshape(-1)
         more = blocks[graph.has_more[blocks]]
         if more.size:  # blocks with many sends (warm-ups), from the sparse table
-            lo = graph.more_start[more]
-            counts = graph.more_start[more + 1] - lo
+            lo = np.searchsorted(graph.more_src, more)
+            counts = np.searchsorted(graph.more_src, more, side="right") - lo
             gather = np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
             parts.append(graph.more_dst[gather])
         if parts:
@@ -261,9 +261,8 @@ def _levels_python(graph: _Graph) -> tuple[list[Ints], Bools]:
     n = graph.n
     indeg = graph.indeg.tolist()
     wakes = graph.wakes.tolist()
-    more_start, more_dst = graph.more_start.tolist(), graph.more_dst.tolist()
-    for b in np.flatnonzero(graph.has_more).tolist():
-        wakes[b] = wakes[b] + more_dst[more_start[b] : more_start[b + 1]]
+    for b, d in zip(graph.more_src.tolist(), graph.more_dst.tolist(), strict=True):
+        wakes[b].append(d)
     join_blocks = [b.tolist() for b in graph.join_blocks]
     ready = deque(node for node, d in enumerate(indeg) if d == 0)
     order: list[int] = []

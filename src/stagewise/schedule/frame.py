@@ -18,7 +18,7 @@ import numpy as np
 
 from stagewise.schedule.check import Position, ScheduleError
 from stagewise.schedule.check.matching import deadlock_report
-from stagewise.schedule.costs import Floats
+from stagewise.schedule.costs import Floats, peak_activations
 from stagewise.schedule.deps import Dependencies, dependencies_of
 from stagewise.schedule.kinds import Kind, kind_mask
 from stagewise.schedule.program import Ints, Program
@@ -51,14 +51,17 @@ class Frame:
     segment: Ints  # each stage's compute rows: segment[s]:segment[s + 1]
     at_start: Ints  # per block: compute rows before its start
     msg: Ints  # the blocks that start with a (met) receive
+    msg_source: Ints  # per such block: the block holding its send
     at_send: Ints  # per such block: compute rows before its send
     crossed: Ints  # per such block: the boundary its message crosses
-    chain_pred: Ints  # per block: the previous block of its stage, or n
-    msg_pred: Ints  # per block: the block its message comes from, or n
     last_block: Ints  # per stage with instructions: its last block
     nonempty: Ints  # the stages with instructions
     compute_block: Ints  # per compute row: its block
+    training: bool  # whether the program trains
+    peaks: list[int]  # per stage, the most (chunk, micro-batch) activations held
     order: Ints  # the blocks in the order of the levels (joins left out)
+    chain_o: Ints  # per block of ``order``: the previous block of its stage, or n
+    source_o: Ints  # per block of ``order``: the block its message comes from, or n
     bounds: list[int]  # where each level starts in ``order`` (and where the last ends)
 
 
@@ -92,6 +95,8 @@ def frame_of(program: Program) -> Frame:
     send_virtual = virtual[program.stage_of_row[send_rows], send_chunk]
     activation = kinds[send_rows] == Kind.SEND_ACTIVATION
     nonempty = np.flatnonzero(np.diff(offsets) > 0)
+    segment = np.searchsorted(rows, offsets)  # each stage's compute rows
+    training = program.is_training()
     levels = [level[level < n] for level in deps.levels]
     order = np.concatenate([np.zeros(0, np.int64), *levels])
     bounds = np.concatenate([[0], np.cumsum([len(level) for level in levels])]).tolist()
@@ -100,17 +105,20 @@ def frame_of(program: Program) -> Frame:
         rows=rows,
         kind=kinds[rows],
         virtual_of=virtual_of,
-        segment=np.searchsorted(rows, offsets),
+        segment=segment,
         at_start=before(deps.block_start),
         msg=msg,
+        msg_source=deps.source[msg],
         at_send=before(send_rows),
         crossed=np.where(activation, send_virtual, send_virtual - 1),
-        chain_pred=np.where(deps.chain >= 0, deps.chain, n),
-        msg_pred=np.where(deps.source >= 0, deps.source, n),
         last_block=deps.block_of_row[offsets[1:][nonempty] - 1],
         nonempty=nonempty,
         compute_block=deps.block_of_row[rows],
+        training=training,
+        peaks=peak_activations(kinds[rows], segment, training),
         order=order,
+        chain_o=np.where(deps.chain >= 0, deps.chain, n)[order],
+        source_o=np.where(deps.source >= 0, deps.source, n)[order],
         bounds=bounds,
     )
     program.cache[key] = frame
@@ -121,17 +129,21 @@ def _position(program: Program, stage: int, row: int) -> Position:
     return Position(stage, *program.stages[stage].position(row))
 
 
-def sweep(f: Frame, chain_wait: Floats, msg_wait: Floats) -> Floats:
-    """Each block's start: the later of its chain and its message, level by level."""
+def sweep(f: Frame, length: Floats, msg_wait: Floats) -> Floats:
+    """Each block's start: the later of its stage's previous block's end and its message.
+
+    ``length[b]`` is how long block ``b`` runs, ``msg_wait[b]`` how long after its
+    source block starts its message arrives (0 without one); both have a last entry
+    0 for "nothing to wait for".
+    """
     n = f.deps.num_blocks
     begin = np.zeros(n + 1)  # the last entry stands for "nothing to wait for"
-    order, bounds = f.order, f.bounds
-    chain_pred, msg_pred = f.chain_pred[order], f.msg_pred[order]
-    chain_wait, msg_wait = chain_wait[order], msg_wait[order]
+    order, bounds, chain, source = f.order, f.bounds, f.chain_o, f.source_o
+    chain_wait, msg_wait = length[chain], msg_wait[order]
     if f.deps.sequential:  # few stages: one block at a time in plain Python
         times = begin.tolist()
         for b, cp, cw, mp, mw in zip(
-            order.tolist(), chain_pred.tolist(), chain_wait.tolist(), msg_pred.tolist(),
+            order.tolist(), chain.tolist(), chain_wait.tolist(), source.tolist(),
             msg_wait.tolist(), strict=True,
         ):  # fmt: skip
             a, m = times[cp] + cw, times[mp] + mw
@@ -139,6 +151,6 @@ def sweep(f: Frame, chain_wait: Floats, msg_wait: Floats) -> Floats:
         return np.array(times)
     for lo, hi in pairwise(bounds):
         begin[order[lo:hi]] = np.maximum(
-            begin[chain_pred[lo:hi]] + chain_wait[lo:hi], begin[msg_pred[lo:hi]] + msg_wait[lo:hi]
+            begin[chain[lo:hi]] + chain_wait[lo:hi], begin[source[lo:hi]] + msg_wait[lo:hi]
         )
     return begin

@@ -249,16 +249,19 @@ class PassOrderSchedule(PipeSchedule):
         out_buffer[:body], num_buffers = _assign_buffers(
             out_chunk[:body], out_mb[:body], chunks, micro_batches
         )
-        program = StageProgram(out_kind, out_mb, out_chunk, out_buffer, out_step, passes)
+        program = StageProgram.built(out_kind, out_mb, out_chunk, out_buffer, out_step, passes)
         return program, num_buffers
 
     def _checked(self, order: PassArrays, stage: int) -> PassArrays:
         """The pass arrays, with kinds, chunks and micro-batches in range."""
         kind, mb, chunk = (np.asarray(a, np.int64) for a in order)
+        if not kind.size:
+            return PassArrays(kind, mb, chunk)
         compute = kind_mask("is_compute")
-        bad = np.flatnonzero((kind < 0) | (kind >= len(Kind)))
-        if bad.size or not compute[kind].all():
-            j = int(bad[0]) if bad.size else int(np.flatnonzero(~compute[kind])[0])
+        if kind.min() < 0 or kind.max() >= len(Kind) or not compute[kind].all():
+            wrong = (kind < 0) | (kind >= len(Kind))
+            wrong |= ~compute[np.clip(kind, 0, len(Kind) - 1)]
+            j = int(np.flatnonzero(wrong)[0])
             raise ValueError(
                 f"{type(self).__name__}: unknown pass kind {kind[j]!r} in pass_order(); "
                 f"use 'F', 'B', 'I' or 'W'"
@@ -267,11 +270,11 @@ class PassOrderSchedule(PipeSchedule):
             ("chunk", chunk, self.num_chunks),
             ("micro-batch", mb, self.micro_batches),
         ):
-            bad = np.flatnonzero((values < 0) | (values >= size))
-            if bad.size:
+            if values.min() < 0 or values.max() >= size:
+                j = int(np.flatnonzero((values < 0) | (values >= size))[0])
                 raise ValueError(
-                    f"{type(self).__name__}: pass {bad[0]} of stage {stage} names "
-                    f"{name} {values[bad[0]]}, outside 0..{size - 1}"
+                    f"{type(self).__name__}: pass {j} of stage {stage} names "
+                    f"{name} {values[j]}, outside 0..{size - 1}"
                 )
         return PassArrays(kind, mb, chunk)
 
@@ -313,11 +316,11 @@ def _assign_buffers(chunk: Ints, mb: Ints, chunks: int, micro_batches: int) -> t
             continue
         keys = c * micro_batches + held
         arrival = keys[np.argsort(first[keys], kind="stable")]
-        if np.all(np.diff(last[arrival]) > 0):  # they leave in the order they came
-            change = np.zeros(len(rows) + 1, np.int64)
-            np.add.at(change, first[arrival], 1)
-            np.add.at(change, last[arrival] + 1, -1)
-            size = int(np.cumsum(change).max())
+        leave = last[arrival]
+        if np.all(np.diff(leave) > 0):  # they leave in the order they came
+            # when the i-th comes, the i before it are held but for those already gone
+            held_then = np.arange(1, len(arrival) + 1) - np.searchsorted(leave, first[arrival])
+            size = int(held_then.max())
             buffer_of[arrival] = np.arange(len(arrival)) % size
         else:
             size = _lowest_free(arrival, first, last, buffer_of)

@@ -146,6 +146,27 @@ class StageProgram:
             )
 
     @classmethod
+    def built(
+        cls, kind: Ints, micro_batch: Ints, chunk: Ints, buffer: Ints, step: Ints, num_steps: int
+    ) -> StageProgram:
+        """A program from arrays a schedule builder made right (no checks, one cast each).
+
+        For the built-in layouts (:func:`~stagewise.schedule.slots.assemble`, the
+        pass-order rule), whose arrays are sound by construction; anything else goes
+        through the checking constructor.
+        """
+        self = cls.__new__(cls)
+        self.kind = kind.astype(np.int8)
+        self.micro_batch = micro_batch.astype(np.int32)
+        self.chunk = chunk.astype(np.int32)
+        self.buffer = buffer.astype(np.int32)
+        self.step = step.astype(np.int32)
+        self.num_steps = int(num_steps)
+        self._objects = None
+        self._step_starts = None
+        return self
+
+    @classmethod
     def from_steps(cls, steps: Iterable[Sequence[PipeInstruction]]) -> StageProgram:
         """Compile steps of instruction objects (one stage's) into arrays.
 

@@ -64,7 +64,6 @@ from stagewise.schedule.costs import (
     Costs,
     Floats,
     peak_activation_bytes,
-    peak_activations,
     sim_op,
 )
 from stagewise.schedule.frame import frame_of, sweep
@@ -253,18 +252,26 @@ def _run(
     grad_w = costs.per_virtual_stage("backward_weight", virtual_count, chunks)
     table = np.stack([forward, grad_in + grad_w, grad_in, grad_w])  # by SimOp value
     cost = table[OP_OF[f.kind], f.virtual_of]
-    spent = np.concatenate([[0.0], np.cumsum(cost)])  # compute time before each compute row
+    spent = np.empty(len(cost) + 1)  # compute time before each compute row
+    spent[0] = 0.0
+    np.cumsum(cost, out=spent[1:])
 
     # per block: how long it runs, and when its message arrives after its source starts
+    n = f.deps.num_blocks
     at_start = spent[f.at_start]
-    length = np.diff(np.concatenate([at_start, [spent[-1]]]))
-    wait = np.zeros(f.deps.num_blocks)
+    length = np.zeros(n + 1)  # the last entry: "nothing", as in sweep
+    np.subtract(at_start[1:], at_start[:-1], out=length[: n - 1])
+    length[n - 1 : n] = spent[-1] - at_start[-1:]
+    wait = np.zeros(n + 1)
     boundary = costs.per_boundary(virtual_count)  # checked even without messages
     if f.msg.size:
-        wire = boundary[f.crossed] if boundary.size else 0.0
-        wait[f.msg] = spent[f.at_send] - at_start[f.msg_pred[f.msg]] + wire
-    chain_wait = np.where(f.deps.chain >= 0, length[np.maximum(f.deps.chain, 0)], 0.0)
-    begin = sweep(f, chain_wait, wait)
+        arrival = spent[f.at_send] - at_start[f.msg_source]
+        if boundary.size and boundary.min() == boundary.max():
+            arrival += boundary[0]  # every boundary alike: no gather
+        elif boundary.size:
+            arrival += boundary[f.crossed]
+        wait[f.msg] = arrival
+    begin = sweep(f, length, wait)
 
     # results per stage
     finish = np.zeros(stages)
@@ -273,8 +280,8 @@ def _run(
     makespan = float(finish.max()) if stages else 0.0
     idle = stages * makespan - float(busy.sum())
     bubble = idle / (stages * makespan) if makespan > 0 else 0.0
-    training = program.is_training()
-    peaks = peak_activations(f.kind, f.segment, training)
+    training = f.training
+    peaks = f.peaks
     peak_bytes = None
     if memory is not None:
         made, kept = memory.tables(virtual_count, chunks)

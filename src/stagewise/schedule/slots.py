@@ -71,4 +71,4 @@ def assemble(num_steps: int, slots: Sequence[Slot]) -> StageProgram:
             buffer[rows] = slot.buffer
             chunk[rows] = slot.chunk
     step = np.repeat(np.arange(num_steps, dtype=np.int64), occupied.sum(axis=1))
-    return StageProgram(kind, mb, chunk, buffer, step, num_steps)
+    return StageProgram.built(kind, mb, chunk, buffer, step, num_steps)
