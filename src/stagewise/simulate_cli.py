@@ -20,8 +20,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from stagewise.schedule.build import schedule_program
 from stagewise.schedule.check import ScheduleError, check_program
-from stagewise.schedule.program import schedule_program
 from stagewise.schedule.registry import schedule_factory, schedule_names
 from stagewise.schedule.simulate import Costs, SimResult, simulate
 

@@ -10,6 +10,7 @@ processes, and :func:`simulate` times it under a cost model.
 from __future__ import annotations
 
 from stagewise.schedule.base import PipeSchedule, Step
+from stagewise.schedule.build import schedule_program
 from stagewise.schedule.check import (
     Position,
     ScheduleError,
@@ -48,7 +49,7 @@ from stagewise.schedule.interleaved import InterleavedSchedule
 from stagewise.schedule.kinds import Kind
 from stagewise.schedule.order import Pass, PassOrderSchedule
 from stagewise.schedule.placement import Placement, PlacementKind
-from stagewise.schedule.program import Program, StageProgram, schedule_program
+from stagewise.schedule.program import Program, StageProgram
 from stagewise.schedule.registry import (
     get_schedule_class,
     make_schedule,

@@ -16,7 +16,7 @@ that only yields steps is compiled from them, and a table of instructions conver
 with :meth:`Program.from_table`. Instructions of kind ``CUSTOM`` have no array form
 beyond their kind, so a program built from objects keeps the objects.
 
->>> from stagewise.schedule import TrainSchedule
+>>> from stagewise.schedule import TrainSchedule, schedule_program
 >>> program = schedule_program(TrainSchedule, micro_batches=2, stages=2)
 >>> program.stages[1].steps()
 [[], [RA0, L0, F0], [B0], [SG0, RA1, L1, F1], [B1], [SG1, RTG, RDG, OPT]]
@@ -24,11 +24,11 @@ beyond their kind, so a program built from objects keeps the objects.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import pairwise
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -38,7 +38,7 @@ from stagewise.schedule.kinds import Kind, kind_mask
 from stagewise.schedule.materialise import LazySteps, materialise
 from stagewise.schedule.placement import Placement
 
-__all__ = ["NotAnInstruction", "Program", "StageProgram", "schedule_program"]
+__all__ = ["NotAnInstruction", "Program", "StageProgram"]
 
 #: integer arrays (a program stores kinds as int8 and the rest as int32).
 Ints = npt.NDArray[np.signedinteger[Any]]
@@ -366,47 +366,3 @@ class Program:
     def stage_of_row(self) -> Ints:
         """The stage of each row of the concatenated arrays."""
         return np.repeat(np.arange(self.num_stages, dtype=np.int32), np.diff(self.offsets))
-
-
-class _Buildable(Protocol):
-    """What :func:`schedule_program` needs of a schedule object."""
-
-    micro_batches: int
-
-    @property
-    def placement(self) -> Placement: ...
-
-    def program(self) -> StageProgram: ...
-
-    def num_pipe_buffers(self) -> int: ...
-
-
-def schedule_program(
-    schedule_cls: Callable[..., Any], micro_batches: int, stages: int, **kwargs: Any
-) -> Program:
-    """Every stage of a schedule as a :class:`Program`.
-
-    ``schedule_cls(micro_batches, stages, stage_id, **kwargs)`` is built for each
-    stage and asked for its ``program()``; schedules written as an order of passes
-    share the work of all their stages (:func:`~stagewise.schedule.order.programs_of`).
-    """
-    if stages < 1:
-        raise ValueError(f"stages must be >= 1, got {stages}")
-    schedules: list[_Buildable] = [
-        schedule_cls(micro_batches, stages, stage_id, **kwargs) for stage_id in range(stages)
-    ]
-    first = schedules[0]
-    shared = getattr(type(first), "programs_of", None)
-    if shared is not None:
-        programs = shared(schedules)
-    else:
-        programs = [schedule.program() for schedule in schedules]
-    return Program(
-        programs,
-        first.placement,
-        micro_batches,
-        training=getattr(first, "training", None),
-        replicated=bool(getattr(first, "replicated", False)),
-        num_buffers=tuple(schedule.num_pipe_buffers() for schedule in schedules),
-        name=type(first).__name__,
-    )

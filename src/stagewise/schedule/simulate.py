@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from stagewise.schedule.base import PipeSchedule
+from stagewise.schedule.build import schedule_program
 from stagewise.schedule.check import ScheduleFactory
 from stagewise.schedule.costs import (
     OP_OF,
@@ -70,7 +71,7 @@ from stagewise.schedule.frame import frame_of, sweep
 from stagewise.schedule.instructions import PipeInstruction
 from stagewise.schedule.kinds import Kind
 from stagewise.schedule.placement import Placement
-from stagewise.schedule.program import Ints, NotAnInstruction, Program, schedule_program
+from stagewise.schedule.program import Ints, NotAnInstruction, Program
 from stagewise.schedule.render import TimelineEvent
 
 __all__ = ["ActivationMemory", "Costs", "SimResult", "sim_op", "simulate"]

@@ -33,7 +33,7 @@ Instructions of kind ``CUSTOM`` (your own) are passed over by every rule.
 
 The checker reads a schedule as arrays (:mod:`~stagewise.schedule.program`):
 :func:`check_program` checks a :class:`~stagewise.schedule.program.Program`
-(:func:`~stagewise.schedule.program.schedule_program` builds one from a schedule
+(:func:`~stagewise.schedule.build.schedule_program` builds one from a schedule
 class), :func:`check_table` a table of instruction objects. Every rule is a few
 array operations per stage or over all stages at once, so 256 stages × 2048
 micro-batches of 1F1B (three million instructions) are checked in under a second.
@@ -51,6 +51,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from stagewise.schedule.base import PipeSchedule
+from stagewise.schedule.build import schedule_program
 from stagewise.schedule.check.grid import (
     Position,
     ScheduleError,
@@ -63,7 +64,7 @@ from stagewise.schedule.check.grid import (
 from stagewise.schedule.check.matching import check_deadlock, check_matching
 from stagewise.schedule.check.rules import check_stage
 from stagewise.schedule.check.state import CheckState
-from stagewise.schedule.program import NotAnInstruction, Program, schedule_program
+from stagewise.schedule.program import NotAnInstruction, Program
 
 __all__ = [
     "Position",
