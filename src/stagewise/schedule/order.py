@@ -262,9 +262,9 @@ class PassOrderSchedule(PipeSchedule):
             wrong = (kind < 0) | (kind >= len(Kind))
             wrong |= ~compute[np.clip(kind, 0, len(Kind) - 1)]
             j = int(np.flatnonzero(wrong)[0])
+            codes = ", ".join(repr(k.code) for k in Kind if k.is_compute)
             raise ValueError(
-                f"{type(self).__name__}: unknown pass kind {kind[j]!r} in pass_order(); "
-                f"use 'F', 'B', 'I' or 'W'"
+                f"{type(self).__name__}: unknown pass kind {kind[j]!r} in pass_order(); use {codes}"
             )
         for name, values, size in (
             ("chunk", chunk, self.num_chunks),

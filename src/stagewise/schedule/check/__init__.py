@@ -36,7 +36,7 @@ The checker reads a schedule as arrays (:mod:`~stagewise.schedule.program`):
 (:func:`~stagewise.schedule.build.schedule_program` builds one from a schedule
 class), :func:`check_table` a table of instruction objects. Every rule is a few
 array operations per stage or over all stages at once, so 256 stages × 2048
-micro-batches of 1F1B (three million instructions) are checked in under a second.
+micro-batches of 1F1B (three million instructions) are checked in about a second.
 
 >>> from stagewise.schedule import InferenceSchedule
 >>> table = check_schedule(InferenceSchedule, micro_batches=2, stages=2)

@@ -227,7 +227,13 @@ def _check_order(state: CheckState, stage: int, at: Ints, loads: Ints) -> None:
     if hit is not None:
         chunk, mb, tag = hit
         has_input, has_weight = split_input[chunk, mb] >= 0, split_weight[chunk, mb] >= 0
-        missing = "W" if has_input else "I" if has_weight else "B"
+        missing = (
+            Kind.BACKWARD_WEIGHT
+            if has_input
+            else Kind.BACKWARD_INPUT
+            if has_weight
+            else Kind.BACKWARD
+        ).code
         raise state.fail(
             f"{where(chunk)} never runs {missing}{tag}: every micro-batch must pass "
             f"backward through every virtual stage once (a B, or an I then a W)",
