@@ -66,29 +66,50 @@ _SLOT_OF = np.full(len(Kind), -1, np.int32)
 _SLOT_OF[list(_SLOTS)] = np.arange(len(_SLOTS), dtype=np.int32)
 
 
-def _tables(program: Program) -> tuple[Ints, Ints]:
-    """Per (stage, chunk, transfer kind): the peer stage, and the message's high part.
+def _tables(program: Program) -> tuple[Ints, Ints, Ints, dict[int, tuple[bool, int, int]]]:
+    """Per (stage, chunk, transfer kind): the peer, the message's high part, the link group.
 
     The message of a transfer is ``high * micro_batches + micro_batch`` with
-    ``high = gradient? * virtual stages + receiving virtual stage``.
+    ``high = gradient? * virtual stages + receiving virtual stage``. The group says
+    which link and side a transfer is on, as a small integer where it can (a stage
+    talks to itself and its two neighbours); ``groups`` maps each group to
+    ``(is send, src, dst)``.
     """
     placement = program.placement
     stages, chunks = program.num_stages, program.chunks
     peer = np.full((stages, chunks, 4), -1, np.int64)
     high = np.zeros((stages, chunks, 4), np.int64)
-    if program.replicated:  # every stage is the whole model: no neighbours
-        return peer.reshape(-1), high.reshape(-1)
-    count = placement.num_virtual_stages
-    for stage in range(stages):
-        for chunk in range(chunks):
-            virtual = placement.virtual_stage(stage, chunk)
-            after, before = placement.next(stage, chunk), placement.prev(stage, chunk)
-            nxt = -1 if after is None else after[0]
-            prv = -1 if before is None else before[0]
-            # an activation goes down (v -> v+1), a gradient up (v -> v-1)
-            peer[stage, chunk] = (nxt, prv, prv, nxt)  # SA, RA, SG, RG
-            high[stage, chunk] = (virtual + 1, virtual, count + virtual - 1, count + virtual)
-    return peer.reshape(-1), high.reshape(-1)
+    if not program.replicated:  # a replicated program is the whole model: no neighbours
+        count = placement.num_virtual_stages
+        for stage in range(stages):
+            for chunk in range(chunks):
+                virtual = placement.virtual_stage(stage, chunk)
+                after, before = placement.next(stage, chunk), placement.prev(stage, chunk)
+                nxt = -1 if after is None else after[0]
+                prv = -1 if before is None else before[0]
+                # an activation goes down (v -> v+1), a gradient up (v -> v-1)
+                peer[stage, chunk] = (nxt, prv, prv, nxt)  # SA, RA, SG, RG
+                high[stage, chunk] = (virtual + 1, virtual, count + virtual - 1, count + virtual)
+    send = np.array([True, False, True, False])[None, None, :]
+    stage_of = np.arange(stages)[:, None, None]
+    distance = (peer - stage_of) % stages
+    near = (distance == 0) | (distance == 1) | (distance == stages - 1) | (peer < 0)
+    if near.all():  # (side, neighbour) per stage: 8 groups a stage
+        side = np.where(distance == 0, 0, np.where(distance == 1, 1, 2))
+        group = (np.where(peer < 0, 3, side) + 4 * send) * stages + stage_of
+    else:  # any placement: one group per link and side
+        group = np.where(peer < 0, 0, 1 + (stage_of * stages + peer) * 2 + send)
+    groups: dict[int, tuple[bool, int, int]] = {}
+    for g, s, p, is_send in zip(
+        group.reshape(-1).tolist(),
+        np.broadcast_to(stage_of, peer.shape).reshape(-1).tolist(),
+        peer.reshape(-1).tolist(),
+        np.broadcast_to(send, peer.shape).reshape(-1).tolist(),
+        strict=True,
+    ):
+        if p >= 0:
+            groups[g] = (is_send, s, p) if is_send else (is_send, p, s)
+    return peer.reshape(-1), high.reshape(-1), group.reshape(-1), groups
 
 
 def transfers_of(program: Program) -> Transfers:
@@ -107,43 +128,32 @@ def _compute(program: Program) -> Transfers:
     chunks = program.chunks
     chunk = np.clip(program.concat("chunk")[rows], 0, chunks - 1)  # out of range: the rules say so
     where = (stage * chunks + chunk) * 4 + slot
-    peer_table, high_table = _tables(program)
+    peer_table, high_table, group_table, groups = _tables(program)
     peer = peer_table[where]
     message = high_table[where] * program.micro_batches + program.concat("micro_batch")[rows]
     is_send = (slot % 2) == 0
-    links, match = _pair(program.num_stages, stage, peer, is_send)
+    links, match = _pair(group_table[where], groups)
     return Transfers(rows, stage, is_send, peer, message, match, links)
 
 
-def _pair(stages: int, stage: Ints, peer: Ints, is_send: Bools) -> tuple[list[Link], Ints]:
-    """Group the transfers by link (in program order) and meet the k-th send and receive."""
-    src = np.where(is_send, stage, peer)
-    dst = np.where(is_send, peer, stage)
-    distance = (peer - stage) % stages  # 0 (itself), 1 or S - 1 (its neighbours)
-    near = (distance == 0) | (distance == 1) | (distance == stages - 1)
-    if np.all(near | (peer < 0)):
-        # a small code per (direction, neighbour): one radix sort groups by it; within
-        # a code the transfers stay in program order, so a group is one stage's run
-        code = np.where(distance == 0, 0, np.where(distance == 1, 1, 2))
-        code = np.where(peer < 0, 3, code) + 4 * is_send
-        order = np.argsort(code.astype(np.int8), kind="stable")
-        group = code[order] * stages + stage[order]
-    else:  # any placement: sort by the link itself
-        group = np.where(peer < 0, -1, src * stages + dst) * 2 + is_send
-        order = np.argsort(group, kind="stable")
-        group = group[order]
-    cut = np.flatnonzero(np.diff(group)) + 1
-    starts = np.concatenate([[0], cut]).astype(np.int64) if len(order) else np.zeros(0, np.int64)
-    ends = np.concatenate([cut, [len(order)]]).astype(np.int64) if len(order) else starts
+def _pair(group: Ints, groups: dict[int, tuple[bool, int, int]]) -> tuple[list[Link], Ints]:
+    """Sort the transfers by group (one stable radix sort keeps program order within a
+    group), give each link its sends and receives, and meet the k-th of each."""
+    small = int(group.max(initial=0)) < 2**15
+    order = np.argsort(group.astype(np.int16) if small else group, kind="stable")
+    counts = np.bincount(group) if small else np.unique(group, return_counts=True)[1]
+    present = np.flatnonzero(counts) if small else np.unique(group)
+    sizes = counts[np.flatnonzero(counts)] if small else counts
+    ends = np.cumsum(sizes).tolist()
     by_link: dict[tuple[int, int], list[Ints]] = {}
-    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
-        first = order[start]
-        if peer[first] < 0:
-            continue
-        link = (int(src[first]), int(dst[first]))
-        sides = by_link.setdefault(link, [np.zeros(0, np.int64), np.zeros(0, np.int64)])
-        sides[0 if is_send[first] else 1] = order[start:end]
-    match = np.full(len(stage), -1, np.int64)
+    start = 0
+    for g, end in zip(present.tolist(), ends, strict=True):
+        if g in groups:  # else: transfers past an end of the model (the rules say so)
+            is_send, src, dst = groups[g]
+            sides = by_link.setdefault((src, dst), [np.zeros(0, np.int64), np.zeros(0, np.int64)])
+            sides[0 if is_send else 1] = order[start:end]
+        start = end
+    match = np.full(len(group), -1, np.int64)
     links = []
     for (a, b), (sends, receives) in sorted(by_link.items()):
         n = min(len(sends), len(receives))
