@@ -122,24 +122,31 @@ class _Graph:
     def __init__(self, deps: Dependencies, msg_src: Ints, msg_dst: Ints) -> None:
         n = deps.num_blocks
         self.n = n
-        self.indeg = np.zeros(n + len(deps.joins), np.int64)
+        self.indeg = np.zeros(n + len(deps.joins), np.intp)
         at_join = deps.join >= 0
         # a block starting with a collective waits for its join only (which waits for
         # the previous block of every stage, its own included)
-        waits = ((deps.chain >= 0) & ~at_join).astype(np.int64)
-        self.indeg[:n] = waits + (deps.source != -1) + at_join
+        indeg = self.indeg[:n]
+        indeg += (deps.chain >= 0) & ~at_join
+        indeg += deps.source != -1
+        indeg += at_join
         for j, (_, at_once) in enumerate(deps.joins):
             self.indeg[n + j] = deps.stages - at_once  # the others must come
-        starts = np.concatenate([[0], np.cumsum(np.bincount(msg_src, minlength=n))])
-        rank = np.arange(len(msg_src)) - starts[msg_src]
-        self.wakes = np.full((n, 1 + _INLINE), -1, np.int32)
+        starts = np.zeros(n + 1, np.int32)
+        np.cumsum(np.bincount(msg_src, minlength=n), out=starts[1:])
+        rank = np.arange(len(msg_src), dtype=np.int32)
+        rank -= starts[msg_src]
+        # node ids as numpy's index type: the layering indexes with them every level
+        self.wakes = np.full((n, 1 + _INLINE), -1, np.intp)
         linked = np.flatnonzero((deps.chain >= 0) & ~at_join)
         self.wakes[deps.chain[linked], 0] = linked
         for j, (blocks, _) in enumerate(deps.joins):
             self.wakes[blocks, 0] = n + j
         inline = rank < _INLINE
         flat = self.wakes.reshape(-1)
-        flat[(msg_src * (1 + _INLINE) + 1 + rank)[inline]] = msg_dst[inline]
+        slot = msg_src * (1 + _INLINE)
+        slot += 1 + rank
+        flat[slot[inline]] = msg_dst[inline]
         # the rest (a block sending many messages: a warm-up) in a sparse table,
         # sorted by source block (the sends are in program order)
         self.more_src, self.more_dst = msg_src[~inline], msg_dst[~inline]
@@ -157,16 +164,17 @@ def _build(program: Program, collectives: bool) -> Dependencies:
     starts_block[transfers.rows[is_recv]] = True
     barrier_rows = np.flatnonzero(kind_mask("is_collective")[kinds] & collectives)
     starts_block[barrier_rows] = True
-    block_start = np.flatnonzero(starts_block)
-    block_of_row = np.cumsum(starts_block, dtype=np.int32) - 1
+    block_start = np.flatnonzero(starts_block).astype(np.int32)
+    block_of_row = np.cumsum(starts_block, dtype=np.int32)
+    block_of_row -= 1
     block_stage = program.stage_of_row[block_start]
     n = len(block_start)
-    chain = np.arange(n, dtype=np.int64) - 1
+    chain = np.arange(-1, n - 1, dtype=np.int32)
     if n:
         chain[np.concatenate([[True], block_stage[1:] != block_stage[:-1]])] = -1
 
-    source = np.full(n, -1, np.int64)
-    send = np.full(n, -1, np.int64)
+    source = np.full(n, -1, np.int32)
+    send = np.full(n, -1, np.int32)
     receives = np.flatnonzero(is_recv)
     met = transfers.match[receives]
     recv_block = block_of_row[transfers.rows[receives]]
@@ -179,7 +187,7 @@ def _build(program: Program, collectives: bool) -> Dependencies:
     msg_src = block_of_row[transfers.rows[sends]]
     msg_dst = block_of_row[transfers.rows[transfers.match[sends]]]
 
-    join = np.full(n, -1, np.int64)
+    join = np.full(n, -1, np.int32)
     joins = _joins(program, kinds, barrier_rows, block_of_row, join) if barrier_rows.size else []
     deps = Dependencies(
         program.num_stages, block_start, block_stage, block_of_row, chain, source, send,
@@ -224,7 +232,7 @@ def _joins(
 def _levels_numpy(graph: _Graph) -> tuple[list[Ints], Bools]:
     """Kahn's algorithm a frontier at a time (many stages: wide frontiers)."""
     n, indeg, wakes = graph.n, graph.indeg, graph.wakes
-    place = np.zeros(len(indeg), np.int64)  # scratch for removing repeats
+    place = np.zeros(len(indeg), np.intp)  # scratch for removing repeats
     levels: list[Ints] = []
     frontier = np.flatnonzero(indeg == 0)
     while frontier.size:

@@ -16,12 +16,13 @@ compares the messages of every pair; the simulator waits on them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import cast
 
 import numpy as np
 
 from stagewise.schedule.kinds import Kind, kind_mask
-from stagewise.schedule.program import Bools, Ints, Program
+from stagewise.schedule.program import Ints, Program
 
 __all__ = ["Link", "Transfers", "transfers_of"]
 
@@ -36,28 +37,57 @@ class Link:
     receives: Ints
 
 
-@dataclass(frozen=True)
 class Transfers:
     """Every send and receive of a program, in program order stage by stage.
 
     Attributes:
         rows: each transfer's row in the program's concatenated arrays.
-        stage: the stage that runs it.
         is_send: a send (else a receive).
-        peer: the stage at the other end (-1: none, a transfer past an end of the model).
-        message: what it carries (see the module doc).
         match: the index of the transfer it meets (a send's receive, a receive's send),
             -1 when it has none.
         links: the links with any transfer, sorted by (src, dst).
+
+    ``stage``, ``peer`` (the stage at the other end, -1 past an end of the model) and
+    ``message`` (see the module doc) are computed when asked.
     """
 
-    rows: Ints
-    stage: Ints
-    is_send: Bools
-    peer: Ints
-    message: Ints
-    match: Ints
-    links: list[Link]
+    def __init__(
+        self,
+        program: Program,
+        rows: Ints,
+        where: Ints,
+        tables: tuple[Ints, Ints],
+        match: Ints,
+        links: list[Link],
+    ) -> None:
+        self._program, self._where, self._tables = program, where, tables
+        self.rows = rows
+        self.is_send = (where % 4) % 2 == 0  # SA, RA, SG, RG: sends are even
+        self.match = match
+        self.links = links
+
+    @cached_property
+    def stage(self) -> Ints:
+        """The stage that runs each transfer."""
+        return self._program.stage_of_row[self.rows]
+
+    @property
+    def peer(self) -> Ints:
+        """The stage at the other end of each transfer (-1: none)."""
+        return self._tables[0][self._where]
+
+    def peer_at(self, index: int) -> int:
+        """The stage at the other end of transfer ``index`` (-1: none)."""
+        return int(self._tables[0][self._where[index]])
+
+    @property
+    def message(self) -> Ints:
+        """What each transfer carries, one integer (the same at both ends when right)."""
+        program = self._program
+        return (
+            self._tables[1][self._where] * program.micro_batches
+            + program.concat("micro_batch")[self.rows]
+        )
 
 
 #: the four transfer kinds, in the order of the last axis of the tables below.
@@ -122,25 +152,22 @@ def transfers_of(program: Program) -> Transfers:
 
 def _compute(program: Program) -> Transfers:
     kinds = program.concat("kind")
-    rows = np.flatnonzero(kind_mask("is_transfer")[kinds])
-    slot = _SLOT_OF[kinds[rows]]
-    stage = program.stage_of_row[rows]
+    rows = np.flatnonzero(kind_mask("is_transfer")[kinds]).astype(np.int32)
     chunks = program.chunks
     chunk = np.clip(program.concat("chunk")[rows], 0, chunks - 1)  # out of range: the rules say so
-    where = (stage * chunks + chunk) * 4 + slot
+    where = program.stage_of_row[rows] * (chunks * 4)
+    where += chunk * 4
+    where += _SLOT_OF[kinds[rows]]
     peer_table, high_table, group_table, groups = _tables(program)
-    peer = peer_table[where]
-    message = high_table[where] * program.micro_batches + program.concat("micro_batch")[rows]
-    is_send = (slot % 2) == 0
     links, match = _pair(group_table[where], groups)
-    return Transfers(rows, stage, is_send, peer, message, match, links)
+    return Transfers(program, rows, where, (peer_table, high_table), match, links)
 
 
 def _pair(group: Ints, groups: dict[int, tuple[bool, int, int]]) -> tuple[list[Link], Ints]:
     """Sort the transfers by group (one stable radix sort keeps program order within a
     group), give each link its sends and receives, and meet the k-th of each."""
     small = int(group.max(initial=0)) < 2**15
-    order = np.argsort(group.astype(np.int16) if small else group, kind="stable")
+    order = np.argsort(group.astype(np.int16) if small else group, kind="stable").astype(np.int32)
     counts = np.bincount(group) if small else np.unique(group, return_counts=True)[1]
     present = np.flatnonzero(counts) if small else np.unique(group)
     sizes = counts[np.flatnonzero(counts)] if small else counts
@@ -150,10 +177,10 @@ def _pair(group: Ints, groups: dict[int, tuple[bool, int, int]]) -> tuple[list[L
     for g, end in zip(present.tolist(), ends, strict=True):
         if g in groups:  # else: transfers past an end of the model (the rules say so)
             is_send, src, dst = groups[g]
-            sides = by_link.setdefault((src, dst), [np.zeros(0, np.int64), np.zeros(0, np.int64)])
+            sides = by_link.setdefault((src, dst), [np.zeros(0, np.int32), np.zeros(0, np.int32)])
             sides[0 if is_send else 1] = order[start:end]
         start = end
-    match = np.full(len(group), -1, np.int64)
+    match = np.full(len(group), -1, np.int32)
     links = []
     for (a, b), (sends, receives) in sorted(by_link.items()):
         n = min(len(sends), len(receives))

@@ -29,7 +29,8 @@ def check_matching(state: CheckState) -> None:
     t = transfers_of(program)
     sends = t.is_send
     met = t.match >= 0
-    wrong = sends & met & (t.message != t.message[np.maximum(t.match, 0)])
+    message = t.message
+    wrong = sends & met & (message != message[np.maximum(t.match, 0)])
     if not wrong.any() and met.all():
         return
     offsets = program.offsets
@@ -103,7 +104,7 @@ def deadlock_report(
             missing = deps.missing(int(deps.join[block]) - deps.num_blocks)
             reason = f"waits for stages {missing} to reach it (a collective)"
         else:
-            peer = int(t.peer[np.searchsorted(t.rows, row)])
+            peer = t.peer_at(int(np.searchsorted(t.rows, row)))
             reason = f"waits for stage {peer} to send it"
         lines.append(f"  stage {stage}: {text} {reason}")
         marks.append((stage, local))
