@@ -227,9 +227,9 @@ class PassOrderSchedule(PipeSchedule):
         per_pass = received + loads + 1 + sends
         start = np.cumsum(per_pass) - per_pass
         total = int(per_pass.sum()) + (len(_CLOSING) if passes else 0)
-        out_kind = np.empty(total, np.int64)
-        out_mb = np.full(total, -1, np.int64)
-        out_chunk = np.full(total, -1, np.int64)
+        out_kind = np.empty(total, np.int8)
+        out_mb = np.full(total, -1, np.int32)
+        out_chunk = np.full(total, -1, np.int32)
         for pass_index, rank, recv_kind, recv_mb, recv_chunk in pieces:
             rows = start[pass_index] + rank
             out_kind[rows], out_mb[rows], out_chunk[rows] = recv_kind, recv_mb, recv_chunk
@@ -240,12 +240,12 @@ class PassOrderSchedule(PipeSchedule):
         rows = compute[sends] + 1
         out_kind[rows] = np.where(forward[sends], Kind.SEND_ACTIVATION, Kind.SEND_GRAD)
         out_mb[rows], out_chunk[rows] = mb[sends], chunk[sends]
-        out_step = np.repeat(np.arange(passes, dtype=np.int64), per_pass)
+        out_step = np.repeat(np.arange(passes, dtype=np.int32), per_pass)
         if passes:
             out_kind[-len(_CLOSING) :] = _CLOSING
-            out_step = np.concatenate([out_step, np.full(len(_CLOSING), passes - 1, np.int64)])
+            out_step = np.concatenate([out_step, np.full(len(_CLOSING), passes - 1, np.int32)])
         body = total - (len(_CLOSING) if passes else 0)
-        out_buffer = np.full(total, -1, np.int64)
+        out_buffer = np.full(total, -1, np.int32)
         out_buffer[:body], num_buffers = _assign_buffers(
             out_chunk[:body], out_mb[:body], chunks, micro_batches
         )

@@ -156,11 +156,11 @@ class StageProgram:
         through the checking constructor.
         """
         self = cls.__new__(cls)
-        self.kind = kind.astype(np.int8)
-        self.micro_batch = micro_batch.astype(np.int32)
-        self.chunk = chunk.astype(np.int32)
-        self.buffer = buffer.astype(np.int32)
-        self.step = step.astype(np.int32)
+        self.kind = kind.astype(np.int8, copy=False)
+        self.micro_batch = micro_batch.astype(np.int32, copy=False)
+        self.chunk = chunk.astype(np.int32, copy=False)
+        self.buffer = buffer.astype(np.int32, copy=False)
+        self.step = step.astype(np.int32, copy=False)
         self.num_steps = int(num_steps)
         self._objects = None
         self._step_starts = None
