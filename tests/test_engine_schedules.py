@@ -15,6 +15,7 @@ pytestmark = pytest.mark.slow
 CHUNKED = {
     "interleaved": {"virtual_stages": 2, "placement": "loop"},
     "zbv": {"virtual_stages": 2, "placement": "v"},
+    "dualpipev": {"virtual_stages": 2, "placement": "v"},
 }
 
 
@@ -34,13 +35,13 @@ def schedule_case(schedule: str, stages: int, **extra: Any) -> dict[str, Any]:
     return case
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "interleaved", "zb-h1", "zbv"])
+@pytest.mark.parametrize("schedule", ["gpipe", "interleaved", "zb-h1", "zbv", "zb-h2", "dualpipev"])
 def test_schedule_matches_one_process(schedule: str) -> None:
     case = schedule_case(schedule, 2)
     check_against_reference(case, run_distributed(train_pipeline, 2, case))
 
 
-@pytest.mark.parametrize("schedule", ["interleaved", "zbv"])
+@pytest.mark.parametrize("schedule", ["interleaved", "zbv", "dualpipev"])
 def test_chunked_schedules_on_gpt_with_tied_weights(schedule: str) -> None:
     case = schedule_case(schedule, 2, model="gpt", mb_size=2)
     check_against_reference(case, run_distributed(train_pipeline, 2, case))
