@@ -28,6 +28,7 @@ from stagewise.dist_utils import default_device, require_dist
 from stagewise.errors import ConfigError
 from stagewise.grid import PipelineParallelGrid
 from stagewise.partition import PartitionMethod, compute_boundaries
+from stagewise.schedule.placement import Placement, PlacementKind
 from stagewise.spec import LayerSpec, TiedLayerSpec, get_attr_path, seed_everything
 from stagewise.tied import check_tied_specs, synchronize_tied_weights, tied_groups
 from stagewise.topology import PipeDataParallelTopology, ProcessTopology
@@ -35,8 +36,6 @@ from stagewise.topology import PipeDataParallelTopology, ProcessTopology
 __all__ = ["PipelineModule", "non_reentrant_checkpoint"]
 
 logger = logging.getLogger(__name__)
-
-PLACEMENTS = ("loop", "v")
 
 
 def non_reentrant_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
@@ -119,7 +118,7 @@ class PipelineModule(nn.Module):
         checkpointable_layers: Sequence[str] | None = None,
         dynamic_shape: bool = False,
         virtual_stages: int = 1,
-        placement: str = "loop",
+        placement: str | PlacementKind = "loop",
         profile_input: Any = None,
     ) -> None:
         super().__init__()
@@ -130,12 +129,10 @@ class PipelineModule(nn.Module):
             raise ValueError(
                 f"activation_checkpoint_interval must be >= 0, got {activation_checkpoint_interval}"
             )
-        if virtual_stages < 1:
-            raise ValueError(f"virtual_stages must be >= 1, got {virtual_stages}")
-        if placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-        if placement == "v" and virtual_stages != 2:
-            raise ValueError(f"placement='v' needs virtual_stages=2, got {virtual_stages}")
+        if not isinstance(virtual_stages, int) or virtual_stages < 1:
+            raise ValueError(f"virtual_stages must be an integer >= 1, got {virtual_stages!r}")
+        kind = PlacementKind.parse(placement)
+        Placement(1, virtual_stages, kind)  # the kind and its chunk count, checked early
 
         self.global_rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -157,7 +154,8 @@ class PipelineModule(nn.Module):
         self._topo = topology
         self.num_stages = max(topology.get_dim("pipe"), 1)
         self.num_chunks = virtual_stages
-        self.placement = placement
+        # Where each chunk's virtual stage lives: the value the schedules use too.
+        self.placement = Placement(self.num_stages, virtual_stages, kind)
         self._layer_specs = list(layers)
         self._num_layers = len(self._layer_specs)
         self.loss_fn = loss_fn
@@ -216,9 +214,7 @@ class PipelineModule(nn.Module):
     # -- partitioning -------------------------------------------------------------------
     def virtual_stage(self, stage_id: int, chunk_id: int) -> int:
         """The part of the layers that ``chunk_id`` of ``stage_id`` holds."""
-        if self.placement == "v" and chunk_id == 1:
-            return 2 * self.num_stages - 1 - stage_id
-        return chunk_id * self.num_stages + stage_id
+        return self.placement.virtual_stage(stage_id, chunk_id)
 
     def chunk_bounds(self, chunk_id: int, stage_id: int | None = None) -> tuple[int, int]:
         """``(start, stop)`` layer indices of a chunk of a stage (this stage by default)."""
@@ -382,10 +378,10 @@ class PipelineModule(nn.Module):
         return x
 
     def is_last_virtual_stage(self, chunk_id: int = 0) -> bool:
-        return self.virtual_stage(self.stage_id, chunk_id) == self.num_stages * self.num_chunks - 1
+        return self.placement.is_last(self.stage_id, chunk_id)
 
     def is_first_virtual_stage(self, chunk_id: int = 0) -> bool:
-        return self.virtual_stage(self.stage_id, chunk_id) == 0
+        return self.placement.is_first(self.stage_id, chunk_id)
 
     # -- DeepSpeed's accessors -----------------------------------------------------------
     @property

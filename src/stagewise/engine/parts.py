@@ -55,7 +55,8 @@ from stagewise.schedule import (
     SendGrad,
 )
 from stagewise.schedule.check import ScheduleFactory
-from stagewise.schedule.registry import schedule_factory
+from stagewise.schedule.placement import Placement
+from stagewise.schedule.registry import schedule_factory, schedule_layout
 from stagewise.schedule.routes import ChunkRoutes, stage_routes
 
 __all__ = ["EngineParts", "build_parts", "handler_table", "link_groups"]
@@ -82,27 +83,16 @@ class EngineParts:
     zero: ZeroOptimizer | None = None  # ZeRO-1's sharding of ``optimizer`` (stage 1)
 
 
-def _check_layout(probe: PipeSchedule, module: PipelineModule, name: str) -> None:
-    """The module's chunks must be placed where the schedule runs them."""
-    is_v = probe.num_chunks == 2 and probe.virtual_stage(0, 1) == 2 * probe.stages - 1
-    placement = "v" if is_v else "loop"
-    hint = (
-        f"build it with PipelineModule(..., virtual_stages={probe.num_chunks}, "
-        f"placement={placement!r})"
-    )
-    if probe.num_chunks != module.num_chunks:
+def _check_layout(wanted: Placement, module: PipelineModule, name: str) -> None:
+    """The module's chunks must be placed where the schedule runs them (one value: both
+    are a :class:`~stagewise.schedule.placement.Placement`)."""
+    if wanted != module.placement:
         raise ConfigError(
-            f"pipeline.schedule={name!r} runs {probe.num_chunks} model chunks per stage but the "
-            f"PipelineModule holds {module.num_chunks}; {hint}"
+            f"pipeline.schedule={name!r} runs {wanted.chunks} model chunk(s) per stage placed "
+            f"{wanted.kind.value!r}, but the PipelineModule holds {module.placement.chunks} "
+            f"placed {module.placement.kind.value!r}; build it with PipelineModule(..., "
+            f"virtual_stages={wanted.chunks}, placement={wanted.kind.value!r})"
         )
-    for chunk in range(probe.num_chunks):
-        want = probe.virtual_stage(probe.stage_id, chunk)
-        have = module.virtual_stage(probe.stage_id, chunk)
-        if want != have:
-            raise ConfigError(
-                f"pipeline.schedule={name!r} places chunk {chunk} of stage {probe.stage_id} at "
-                f"virtual stage {want} but the PipelineModule placed it at {have}; {hint}"
-            )
 
 
 def link_groups(grid: PipelineParallelGrid, layout: PipeSchedule) -> dict[tuple[int, int], Any]:
@@ -171,10 +161,11 @@ def build_parts(
     pipe = config.pipeline
     try:
         factory = schedule_factory(pipe.schedule, pipe.virtual_stages)
+        wanted = schedule_layout(pipe.schedule, pipe.virtual_stages, stages)
     except ValueError as exc:
         raise ConfigError(f"pipeline.schedule / pipeline.virtual_stages: {exc}") from None
+    _check_layout(wanted, module, pipe.schedule)
     layout = factory(micro_batches, stages, stage_id)
-    _check_layout(layout, module, pipe.schedule)
 
     if optimizer is None and config.optimizer is not None:
         params = model_parameters if model_parameters is not None else module.parameters()
