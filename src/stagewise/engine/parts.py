@@ -56,7 +56,6 @@ from stagewise.schedule import (
 )
 from stagewise.schedule.check import ScheduleFactory
 from stagewise.schedule.placement import Placement
-from stagewise.schedule.registry import schedule_factory, schedule_layout
 from stagewise.schedule.routes import ChunkRoutes, stage_routes
 
 __all__ = ["EngineParts", "build_parts", "handler_table", "link_groups"]
@@ -159,12 +158,9 @@ def build_parts(
     stage_id = grid.get_stage_id()
     stages = grid.get_pipe_parallel_world_size()
     pipe = config.pipeline
-    try:
-        factory = schedule_factory(pipe.schedule, pipe.virtual_stages)
-        wanted = schedule_layout(pipe.schedule, pipe.virtual_stages, stages)
-    except ValueError as exc:
-        raise ConfigError(f"pipeline.schedule / pipeline.virtual_stages: {exc}") from None
-    _check_layout(wanted, module, pipe.schedule)
+    choice = pipe.choice  # checked when the config was read
+    factory = choice.factory()
+    _check_layout(choice.layout(stages), module, choice.name)
     layout = factory(micro_batches, stages, stage_id)
 
     if optimizer is None and config.optimizer is not None:

@@ -33,6 +33,7 @@ Placement(stages=4, chunks=2, kind=<PlacementKind.V: 'v'>)
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any, cast
 
 from stagewise.schedule.base import PipeSchedule
@@ -47,6 +48,7 @@ from stagewise.schedule.zero_bubble import ZBVSchedule, ZeroBubbleH1Schedule, Ze
 __all__ = [
     "DEFAULT_SCHEDULE",
     "SCHEDULES",
+    "ScheduleChoice",
     "get_schedule_class",
     "make_schedule",
     "schedule_factory",
@@ -133,6 +135,42 @@ def schedule_factory(name: str, virtual_stages: int | None = None) -> ScheduleFa
     if cls.configurable_chunks:
         return functools.partial(cast(Any, cls), virtual_stages=chunks)
     return cls
+
+
+@dataclass(frozen=True)
+class ScheduleChoice:
+    """A training schedule chosen by name with its chunk count, checked once.
+
+    What the config's ``pipeline.schedule`` and ``pipeline.virtual_stages`` say, as a
+    value: build it with :meth:`parse`, which raises for an unknown name or a chunk
+    count the schedule cannot run.
+
+    >>> choice = ScheduleChoice.parse("ZB_H1")
+    >>> choice.name, choice.layout(4).chunks
+    ('zb-h1', 1)
+    """
+
+    name: str
+    virtual_stages: int | None = None
+
+    @classmethod
+    def parse(cls, name: str, virtual_stages: int | None = None) -> ScheduleChoice:
+        """Check ``name`` (any case, ``_`` for ``-``) and ``virtual_stages`` against the registry.
+
+        Raises:
+            ValueError: an unknown name, or a ``virtual_stages`` the schedule cannot run.
+        """
+        key = _canonical(name)
+        SCHEDULES[key].chunks_for(virtual_stages, name=key)
+        return cls(key, virtual_stages)
+
+    def factory(self) -> ScheduleFactory:
+        """``(micro_batches, stages, stage_id) -> PipeSchedule`` (:func:`schedule_factory`)."""
+        return schedule_factory(self.name, self.virtual_stages)
+
+    def layout(self, stages: int) -> Placement:
+        """The placement of the model chunks on ``stages`` stages (:func:`schedule_layout`)."""
+        return schedule_layout(self.name, self.virtual_stages, stages)
 
 
 def make_schedule(
