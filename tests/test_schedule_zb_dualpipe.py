@@ -12,6 +12,7 @@ import random
 
 import pytest
 
+from stagewise.cli.simulate import simulate_main
 from stagewise.schedule import (
     Costs,
     DualPipeVSchedule,
@@ -28,7 +29,6 @@ from stagewise.schedule import (
 )
 from stagewise.schedule import dualpipe as dualpipe_module
 from stagewise.schedule.render import format_timeline
-from stagewise.simulate_cli import simulate_main
 
 STAGES = range(1, 9)
 

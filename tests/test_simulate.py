@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from stagewise.cli.simulate import simulate_main
 from stagewise.schedule import (
     DataParallelSchedule,
     InferenceSchedule,
@@ -35,7 +36,6 @@ from stagewise.schedule.render import (
 )
 from stagewise.schedule.simulate import Costs, SimResult, simulate
 from stagewise.schedule.zero_bubble import ZBVSchedule, ZeroBubbleH1Schedule
-from stagewise.simulate_cli import simulate_main
 
 GRID = [(stages, micro_batches) for stages in range(1, 9) for micro_batches in range(1, 33)]
 

@@ -192,7 +192,7 @@ def test_doctests() -> None:
 
 
 def test_cli_takes_per_virtual_stage_costs(capsys: pytest.CaptureFixture[str]) -> None:
-    from stagewise.simulate_cli import simulate_main
+    from stagewise.cli.simulate import simulate_main
 
     argv = ["--schedule", "gpipe", "--stages", "2", "--micro-batches", "1", "--json"]
     argv += ["--cost-forward", "1,3", "--cost-backward-input", "2,4", "--cost-backward-weight", "1"]

@@ -33,7 +33,7 @@ def _demo(argv: list[str]) -> int:
 
 
 def _simulate(argv: list[str]) -> int:
-    from stagewise.simulate_cli import simulate_main
+    from stagewise.cli.simulate import simulate_main
 
     return simulate_main(argv)
 
