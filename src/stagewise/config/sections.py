@@ -35,15 +35,13 @@ class PipelineConfig:
     # How point-to-point messages are matched: "order" (by issue order alone, as NCCL
     # does; the default everywhere) or "tags" (gloo's tags too, a debugging aid).
     p2p_match: str = "order"
-    # DeepSpeed's keys, accepted for compatibility and unused here.
-    stages: Any = "auto"
-    partition: Any = "best"
     # DeepSpeed splits activations (gradients) over tensor-parallel slices between
     # stages; here they travel whole. True with a model axis is an error; absent
     # (DeepSpeed's default, true) or false: whole, with the same results.
     pipe_partitioned: bool | None = None
     grad_partitioned: bool | None = None
-    use_reentrant: bool = False
+    # DeepSpeed's other pipeline keys (stages, partition, use_reentrant) are accepted
+    # and reported: config/deepspeed_keys.py.
 
     @property
     def choice(self) -> ScheduleChoice:
@@ -52,8 +50,7 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PipelineConfig:
-        check_keys("pipeline", data, [f.name for f in fields(cls)])
-        out = cls(**data)
+        out = cls(**check_keys("pipeline", data, [f.name for f in fields(cls)]))
         p = "pipeline."
         typed(p, "schedule", out.schedule, str)
         if out.virtual_stages is not None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.autograd.graph import GradientEdge
 
 from stagewise.backward.split import WeightPass
 from stagewise.errors import PipelineError
@@ -66,6 +67,8 @@ class BatchState:
         losses: per micro-batch, in order: the loss (or output, without a loss).
         logits: per micro-batch, the last stage's output (with ``return_logits``).
         weight_passes: per key, the parameter gradients its ``I`` left for its ``W``.
+        input_edges: per key, where the gradients of the received inputs arrive (the
+            split backward's ``I`` differentiates towards them).
     """
 
     mode: RunMode
@@ -79,6 +82,7 @@ class BatchState:
     losses: list[Any] = field(default_factory=list)
     logits: list[Any] = field(default_factory=list)
     weight_passes: dict[Key, WeightPass] = field(default_factory=dict)
+    input_edges: dict[Key, list[GradientEdge]] = field(default_factory=dict)
 
 
 def as_tuple(value: Any) -> tuple[Any, ...]:
