@@ -69,6 +69,19 @@ def _worker(
         os._exit(0)
 
 
+def _context() -> Any:
+    """Processes forked from a server that has imported torch and stagewise once.
+
+    A fresh interpreter importing torch costs about a second of CPU; forking from a
+    server that already did keeps the per-process cost small, so the many short
+    multi-process tests stay cheap. (Nothing has run a torch op or started a thread
+    in the server, so forking it is safe.)
+    """
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "stagewise", "distributed"])
+    return ctx
+
+
 def run_distributed_raw(
     fn: Callable[..., Any],
     world_size: int,
@@ -77,7 +90,7 @@ def run_distributed_raw(
     env: dict[str, str] | None = None,
 ) -> list[RankResult]:
     """Run ``fn`` on every rank; return every rank's outcome (failures included)."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
     procs = [
