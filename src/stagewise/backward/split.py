@@ -74,30 +74,17 @@ def input_pass(
         pending.calls.append((list(roots), grads, None))  # the whole backward, later
         return [], pending
     plan = plan_split(roots, inputs, param_ids, self_handled)
-    if not plan.splittable:
-        if not _warned:
-            logger.warning(
-                "a parameter is used on both sides of a split in one stage's backward "
-                "(shared weights?): its weight pass runs back through the whole graph, "
-                "doing the input-gradient work a second time"
-            )
-            _warned = True
-        input_grads = torch.autograd.grad(
-            list(roots),
-            cast(Any, list(inputs)),
-            grad_outputs=grads,
-            retain_graph=True,
-            allow_unused=True,
+    if not plan.splittable and not _warned:
+        logger.warning(
+            "a parameter is used on both sides of a split in one stage's backward "
+            "(shared weights?): its weight pass runs back through the whole graph, "
+            "doing the input-gradient work a second time"
         )
-        params = list(
-            {id(p): p for group in plan.split_params + plan.root_params for p in group}.values()
-        )
-        if params:
-            pending.calls.append((list(roots), grads, params))
-        return list(input_grads), pending
-    captured: list[tuple[torch.Tensor | None, ...] | None] = [None] * len(plan.split_nodes)
+        _warned = True
+    split_nodes = plan.split_nodes if plan.splittable else []
+    captured: list[tuple[torch.Tensor | None, ...] | None] = [None] * len(split_nodes)
     handles = []
-    for index, node in enumerate(plan.split_nodes):
+    for index, node in enumerate(split_nodes):
 
         def keep(grad_outputs: tuple[torch.Tensor | None, ...], index: int = index) -> None:
             captured[index] = grad_outputs
@@ -114,6 +101,12 @@ def input_pass(
     finally:
         for handle in handles:
             handle.remove()
+    if not plan.splittable:
+        groups = plan.split_params + plan.root_params
+        params = list({id(p): p for group in groups for p in group}.values())
+        if params:
+            pending.calls.append((list(roots), grads, params))
+        return list(input_grads), pending
     for node, params_of_node, grad_outputs in zip(
         plan.split_nodes, plan.split_params, captured, strict=True
     ):
