@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from stagewise.config.batch import resolve_batch
-from stagewise.config.keys import check_keys, typed
+from stagewise.config.checkpointing import CheckpointConfig
+from stagewise.config.keys import check_booleans, check_keys, typed
 from stagewise.config.sections import (
     FP16Config,
     OptimizerConfig,
@@ -25,7 +26,14 @@ from stagewise.config.sections import (
 )
 from stagewise.errors import ConfigError
 
-__all__ = ["Config", "FP16Config", "OptimizerConfig", "PipelineConfig", "SchedulerConfig"]
+__all__ = [
+    "CheckpointConfig",
+    "Config",
+    "FP16Config",
+    "OptimizerConfig",
+    "PipelineConfig",
+    "SchedulerConfig",
+]
 
 
 @dataclass
@@ -46,6 +54,8 @@ class Config:
     steps_per_print: int = 10
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     wall_clock_breakdown: bool = False
+    # Periodic, rotating, asynchronous checkpoints and automatic resume.
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     _KNOWN = (
         "train_batch_size",
@@ -65,6 +75,7 @@ class Config:
         "dump_state",
         "prescale_gradients",
         "gradient_predivide_factor",
+        "checkpoint",
     )
 
     @classmethod
@@ -128,18 +139,28 @@ class Config:
         for key in ("bf16", "bfloat16"):
             if key in data:
                 check_keys(key, data[key], ["enabled", "immediate_grad_update"])
-                out.bf16_enabled = bool(data[key].get("enabled", False))
+                out.bf16_enabled = typed(
+                    f"{key}.", "enabled", data[key].get("enabled", False), bool
+                )
         if "fp16" in data:
             check_keys("fp16", data["fp16"], [f.name for f in fields(FP16Config)])
             out.fp16 = FP16Config(**data["fp16"])
+            check_booleans("fp16.", out.fp16)
         if out.fp16.enabled and out.bf16_enabled:
             raise ConfigError("bf16.enabled and fp16.enabled are both true; choose one")
         if "steps_per_print" in data:
             out.steps_per_print = typed("", "steps_per_print", data["steps_per_print"], int)
         if "pipeline" in data:
-            out.pipeline = PipelineConfig.from_dict(dict(data["pipeline"]))
+            out.pipeline = PipelineConfig.from_dict(data["pipeline"])
         if "wall_clock_breakdown" in data:
-            out.wall_clock_breakdown = bool(data["wall_clock_breakdown"])
+            out.wall_clock_breakdown = typed(
+                "", "wall_clock_breakdown", data["wall_clock_breakdown"], bool
+            )
+        for key in ("zero_allow_untested_optimizer", "dump_state", "prescale_gradients"):
+            if key in data:
+                typed("", key, data[key], bool)
+        if "checkpoint" in data:
+            out.checkpoint = CheckpointConfig.from_dict(data["checkpoint"])
         zero = data.get("zero_optimization", {})
         stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
         if stage:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from stagewise.config.keys import check_keys, typed
+from stagewise.config.keys import check_booleans, check_keys, typed
 from stagewise.errors import ConfigError
 
 __all__ = ["FP16Config", "OptimizerConfig", "PipelineConfig", "SchedulerConfig"]
@@ -33,6 +33,10 @@ class PipelineConfig:
     # How point-to-point messages are matched: "order" (by issue order alone, as NCCL
     # does; the default everywhere) or "tags" (gloo's tags too, a debugging aid).
     p2p_match: str = "order"
+    # A non-finite loss or gradient norm (fp32, bf16): "error" raises, naming the step,
+    # the stage and the micro-batch; "skip" skips that optimizer step on every rank
+    # alike and counts it in skipped_steps. fp16's loss scaler does its own.
+    nonfinite: str = "error"
     # DeepSpeed's keys, accepted for compatibility and unused here.
     stages: Any = "auto"
     partition: Any = "best"
@@ -45,6 +49,11 @@ class PipelineConfig:
         check_keys("pipeline", data, [f.name for f in fields(cls)])
         out = cls(**data)
         p = "pipeline."
+        check_booleans(p, out)
+        if typed(p, "nonfinite", out.nonfinite, str) not in ("error", "skip"):
+            raise ConfigError(
+                f"pipeline.nonfinite must be 'error' or 'skip', got {out.nonfinite!r}"
+            )
         typed(p, "schedule", out.schedule, str)
         typed(p, "timeout_s", out.timeout_s, (int, float))
         if out.virtual_stages is not None and (
