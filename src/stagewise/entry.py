@@ -11,9 +11,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from stagewise import teardown
 from stagewise.config import Config
 from stagewise.engine import PipelineEngine
 from stagewise.module import PipelineModule
+from stagewise.rendezvous import incarnation_store
 
 __all__ = ["init_distributed", "initialize"]
 
@@ -35,7 +37,11 @@ def init_distributed(
 
     Under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` set)
     it joins that job; without them it starts a single-process group on a free port,
-    so a script also runs as plain ``python script.py``.
+    so a script also runs as plain ``python script.py``. Where torchrun's agent hosts
+    the store, which outlives ``--max-restarts``, each incarnation of the job meets
+    under a prefix of its own (:mod:`stagewise.rendezvous`), so a restarted group
+    never reads a dead one's addresses. It also installs the exit hooks of
+    :mod:`stagewise.teardown`.
 
     Args:
         dist_backend: ``"gloo"`` or ``"nccl"``; default NCCL when CUDA is there, else gloo.
@@ -43,6 +49,7 @@ def init_distributed(
         init_method: a URL for ``init_process_group`` (default: the environment).
     """
     if dist.is_initialized():
+        teardown.install()
         return
     backend = dist_backend or ("nccl" if torch.cuda.is_available() else "gloo")
     env = os.environ
@@ -54,13 +61,25 @@ def init_distributed(
     if backend == "nccl":
         local_rank = int(env.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(
-        backend=backend,
-        init_method=init_method or "env://",
-        rank=rank,
-        world_size=world_size,
-        timeout=timeout,
-    )
+    if init_method is None and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        agent_store = dist.TCPStore(
+            env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, False, timeout
+        )
+        store = incarnation_store(agent_store, rank, world_size, timeout.total_seconds())
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+        )
+        teardown.install()
+    else:
+        dist.init_process_group(
+            backend=backend,
+            init_method=init_method or "env://",
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+        )
+        # rank 0 hosts the store here: after a failure it lingers a second for the others
+        teardown.install(linger_s=1.0 if rank == 0 and world_size > 1 else 0.0)
     if rank == 0:
         logger.info("stagewise: %s process group of %d ranks", backend, world_size)
 
