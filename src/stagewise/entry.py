@@ -14,6 +14,7 @@ import torch.distributed as dist
 from stagewise import teardown
 from stagewise.config import Config
 from stagewise.engine import PipelineEngine
+from stagewise.engine.resilience import resume_if_configured
 from stagewise.module import PipelineModule
 from stagewise.rendezvous import incarnation_store
 
@@ -116,6 +117,11 @@ def initialize(
         dist_init_required: False forbids setting up ``torch.distributed`` here (it must
             be up already); None or True set it up when it is not.
 
+    With ``"checkpoint": {"resume": "auto", "save_dir": DIR}`` the newest complete
+    checkpoint under ``DIR`` is loaded before returning (weights, optimizer,
+    scheduler, loss scale, RNG states, counters, and the position of stagewise's
+    loaders); ``engine.global_steps`` then tells how many batches were trained.
+
     Returns:
         ``(engine, optimizer, training_dataloader, lr_scheduler)``.
 
@@ -151,4 +157,5 @@ def initialize(
         training_data=training_data,
         collate_fn=collate_fn,
     )
+    resume_if_configured(engine)
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler

@@ -64,6 +64,9 @@ class BatchState:
             chunks (a V), kept for the other end, by micro-batch id.
         losses: per micro-batch, in order: the loss (or output, without a loss).
         logits: per micro-batch, the last stage's output (with ``return_logits``).
+        step: the training step this batch is (``global_steps + 1``), for messages;
+            None when evaluating.
+        read: micro-batches this stage has read from the data so far.
     """
 
     mode: RunMode
@@ -76,6 +79,8 @@ class BatchState:
     batches: dict[int, Any] = field(default_factory=dict)
     losses: list[Any] = field(default_factory=list)
     logits: list[Any] = field(default_factory=list)
+    step: int | None = None
+    read: int = 0
 
 
 def as_tuple(value: Any) -> tuple[Any, ...]:
