@@ -7,7 +7,9 @@ rank), so its votes never interleave with training's. The commit is the same
 atomic rename as a synchronous save's: a kill at any point of it leaves the
 previous checkpoint loadable and ``latest`` naming it.
 
-One save is in flight at a time: :meth:`AsyncSaver.submit` first waits for the
+The copies go into host buffers kept from one save to the next
+(:class:`~stagewise.checkpoint.files.HostPool`, about one checkpoint's worth of
+host memory per rank), so a save's copy does not allocate. One save is in flight at a time: :meth:`AsyncSaver.submit` first waits for the
 previous one (and raises its error, if it failed), and so does the process at a
 normal exit. After a failure (an uncaught exception, a dead peer) the exit does
 not wait: the torn attempt is removed by the next commit.
@@ -26,7 +28,8 @@ from typing import Any
 import torch
 
 from stagewise import teardown
-from stagewise.checkpoint.save import write_and_commit
+from stagewise.checkpoint.files import HostPool, staging
+from stagewise.checkpoint.save import capture, write_and_commit
 from stagewise.checkpoint.state import CheckpointView
 from stagewise.collectives import Collectives
 
@@ -54,12 +57,21 @@ class AsyncSaver:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._committed: str | None = None
+        self._files: Mapping[str, Any] | None = None  # the objects being written
+        self.pool = HostPool()
         atexit.register(_wait_at_exit, weakref.ref(self))
 
     @property
     def in_flight(self) -> bool:
         """Whether a save is being written now."""
         return self._thread is not None and self._thread.is_alive()
+
+    def capture(self, view: CheckpointView, client_state: Mapping[str, Any]) -> dict[str, Any]:
+        """:func:`~stagewise.checkpoint.save.capture` into this saver's host buffers (waits
+        for the save in flight first: its buffers are reused)."""
+        self.wait()
+        with staging(self.pool):
+            return capture(view, client_state)
 
     def submit(
         self,
@@ -76,6 +88,7 @@ class AsyncSaver:
         first, raising its error if it failed.
         """
         self.wait()
+        self._files = files
         view = dataclasses.replace(view, collectives=self.collectives, device=torch.device("cpu"))
         self._thread = threading.Thread(
             target=self._write,
@@ -113,6 +126,9 @@ class AsyncSaver:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self._files is not None:  # written: its buffers serve the next save's copy
+            self.pool.give_back(self._files)
+            self._files = None
         error, self._error = self._error, None
         if error is not None:
             raise error

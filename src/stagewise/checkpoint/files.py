@@ -22,12 +22,15 @@ load checkpoints you trust.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -37,6 +40,7 @@ from stagewise.errors import CheckpointError
 __all__ = [
     "LATEST",
     "MANIFEST",
+    "HostPool",
     "commit_dir",
     "cpu_copy",
     "file_digest",
@@ -45,6 +49,7 @@ __all__ = [
     "recorded_digest",
     "remove_leftovers",
     "save_file",
+    "staging",
     "write_text_atomic",
 ]
 
@@ -55,10 +60,62 @@ LEFTOVER = re.compile(r"^(\..+\.(tmp|old)-[0-9a-f]+|latest\.tmp-\d+)$")
 _CHUNK = 1 << 22
 
 
+class HostPool:
+    """Host buffers kept from one checkpoint copy to the next, by shape and dtype.
+
+    An asynchronous saver copies the same tensors at every save; taking the buffers
+    of the previous (finished) save saves allocating and faulting in fresh memory.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
+
+    def take(self, like: torch.Tensor) -> torch.Tensor:
+        """A CPU buffer of ``like``'s shape and dtype (pinned when ``like`` is on a GPU)."""
+        free = self._free.get((tuple(like.shape), like.dtype))
+        if free:
+            return free.pop()
+        pin = like.device.type == "cuda"
+        return torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=pin)
+
+    def give_back(self, value: Any) -> None:
+        """Return every tensor in ``value`` (the objects of a finished save) to the pool."""
+        if isinstance(value, torch.Tensor):
+            if value.device.type == "cpu" and value.is_contiguous():
+                self._free.setdefault((tuple(value.shape), value.dtype), []).append(value)
+        elif isinstance(value, dict):
+            for item in value.values():
+                self.give_back(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                self.give_back(item)
+
+
+_staging: contextvars.ContextVar[HostPool | None] = contextvars.ContextVar(
+    "stagewise_staging", default=None
+)
+
+
+@contextlib.contextmanager
+def staging(pool: HostPool | None) -> Iterator[None]:
+    """Within the block, :func:`cpu_copy` copies into buffers of ``pool`` (None: fresh ones)."""
+    token = _staging.set(pool)
+    try:
+        yield
+    finally:
+        _staging.reset(token)
+
+
 def cpu_copy(value: Any) -> Any:
-    """Tensors cloned to the CPU (compact storage); containers walked; the rest as is."""
+    """Tensors cloned to the CPU (compact storage); containers walked; the rest as is.
+
+    Inside :func:`staging`, the copies go into the pool's buffers.
+    """
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
+        pool = _staging.get()
+        if pool is None:
+            return value.detach().to("cpu", copy=True)
+        return pool.take(value).copy_(value.detach())
     if isinstance(value, dict):
         return type(value)((k, cpu_copy(v)) for k, v in value.items())
     if isinstance(value, (list, tuple)):

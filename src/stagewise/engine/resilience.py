@@ -27,8 +27,8 @@ import torch.distributed as dist
 
 from stagewise import checkpoint, heartbeat, teardown
 from stagewise.checkpoint.async_save import AsyncSaver
+from stagewise.checkpoint.layout import check_tag
 from stagewise.checkpoint.periodic import latest_complete
-from stagewise.checkpoint.save import capture
 from stagewise.engine.nonfinite import NonFiniteGuard
 
 __all__ = ["Resilience", "resume_if_configured"]
@@ -120,8 +120,8 @@ class Resilience:
         if not save_path:
             raise ValueError(f"save_dir must be a non-empty path, got {save_dir!r}")
         tag = f"global_step{engine.global_steps}" if tag is None else str(tag)
-        self.saver.wait()  # one save in flight at a time; raises an earlier failure
-        files = capture(view, client_state)
+        check_tag(tag)
+        files = self.saver.capture(view, client_state)  # waits for the save in flight
         self.saver.submit(view, save_path, tag, files, save_latest, keep_last)
         return True
 
