@@ -1,12 +1,16 @@
-"""The CUDA/NCCL path of the engine, checked on a GPU machine (one GPU: world size 1).
+"""The CUDA/NCCL path of the engine, checked on a GPU machine: one rank per GPU.
 
-Each schedule trains a small GPT on ``cuda:0`` under an NCCL process group and is
-compared with the same model trained in one process without a pipeline; chunked
-schedules (interleaved, zbv) hold both chunks on the one rank, so their
-stage-to-stage transfers go through the engine's same-rank path. A bf16 run and a
+Every registered schedule trains a small GPT over as many stages as there are
+ranks (one GPU each) under an NCCL process group and is compared with the same
+model trained in one process without a pipeline. NCCL matches point-to-point
+messages by order alone, so this checks the engine's order-only transfers
+(one process group per link direction, receives posted in link order). With one
+GPU the stages are 1 and the chunked schedules' transfers go through the
+same-rank path. A bf16 + checkpointing run of each split-backward schedule and a
 throughput figure close the check::
 
-    PYTHONPATH=src python3 benchmarks/cuda_check.py
+    torchrun --nproc_per_node "$(nvidia-smi -L | wc -l)" benchmarks/cuda_check.py
+    PYTHONPATH=src python3 benchmarks/cuda_check.py          # one GPU, no torchrun
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from stagewise.models.reference import build_reference
 
 CONFIG = replace(DEMO_CONFIG, vocab_size=96, n_layer=4, n_embd=128, block_size=64)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: a dry run on gloo
-CHUNKS = {"1f1b": (1, "loop"), "zb-h1": (1, "loop"), "interleaved": (2, "loop"), "zbv": (2, "v")}
+CHUNKS = {"interleaved": (2, "loop"), "zbv": (2, "v"), "dualpipev": (2, "v")}
+SPLIT = ("zb-h1", "zb-h2", "zbv", "dualpipev")
 
 
 def batches(
@@ -36,16 +41,17 @@ def batches(
     return out
 
 
-def train(schedule: str, steps: int, bf16: bool = False) -> list[float]:
-    chunks, placement = CHUNKS[schedule]
+def train(schedule: str, steps: int, bf16: bool = False, ckpt: bool = False) -> list[float]:
+    chunks, placement = CHUNKS.get(schedule, (1, "loop"))
     model = stagewise.PipelineModule(
         gpt_layer_specs(CONFIG),
-        num_stages=1,
+        num_stages=torch.distributed.get_world_size(),
         loss_fn=gpt_loss,
         seed_layers=True,
         virtual_stages=chunks,
         placement=placement,
         partition_method="uniform",
+        activation_checkpoint_interval=1 if ckpt else 0,
     )
     engine, *_ = stagewise.initialize(
         model=model,
@@ -89,29 +95,36 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     stagewise.init_distributed(dist_backend="nccl" if DEVICE.type == "cuda" else "gloo")
-    print(
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    show = print if rank == 0 else (lambda *args, **kwargs: None)
+    from stagewise.schedule.registry import schedule_names
+
+    show(
         "device:",
         torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else "cpu",
         "| torch",
         torch.__version__,
         "| backend",
         torch.distributed.get_backend(),
+        f"| {world} rank(s)",
     )
     ref = reference(3)
-    print(f"reference (no pipeline): {[round(v, 6) for v in ref]}")
-    for schedule in CHUNKS:
+    show(f"reference (no pipeline): {[round(v, 6) for v in ref]}")
+    for schedule in schedule_names():
         got = train(schedule, 3)
         worst = max(abs(a - b) / abs(b) for a, b in zip(got, ref, strict=True))
-        print(
+        show(
             f"{schedule:12s} {[round(v, 6) for v in got]}  max rel diff {worst:.2e}  "
             f"{'OK' if worst < 1e-4 else 'MISMATCH'}"
         )
-    got = train("1f1b", 3, bf16=True)
-    print(
-        f"1f1b bf16    {[round(v, 4) for v in got]}  (autocast; finite: "
-        f"{all(torch.isfinite(torch.tensor(got)).tolist())})"
-    )
-    model = stagewise.PipelineModule(gpt_layer_specs(CONFIG), num_stages=1, loss_fn=gpt_loss)
+    for schedule in ("1f1b", *(s for s in SPLIT if s in schedule_names())):
+        got = train(schedule, 3, bf16=True, ckpt=True)
+        worst = max(abs(a - b) / abs(b) for a, b in zip(got, ref, strict=True))
+        show(
+            f"{schedule:12s} bf16+ckpt {[round(v, 4) for v in got]}  rel diff to fp32 "
+            f"{worst:.1e} (finite: {all(torch.isfinite(torch.tensor(got)).tolist())})"
+        )
+    model = stagewise.PipelineModule(gpt_layer_specs(CONFIG), num_stages=world, loss_fn=gpt_loss)
     engine, *_ = stagewise.initialize(
         model=model,
         config={
@@ -130,8 +143,8 @@ def main() -> None:
         engine.train_batch(iter(data))
     sync()
     step = (time.perf_counter() - start) / 20
-    print(
-        f"train_batch on {DEVICE.type}: {step * 1e3:.1f} ms/step, "
+    show(
+        f"train_batch (1f1b, {world} stage(s)) on {DEVICE.type}: {step * 1e3:.1f} ms/step, "
         f"{4 * 8 * CONFIG.block_size / step:,.0f} tokens/s"
     )
     torch.distributed.destroy_process_group()

@@ -2,19 +2,23 @@
 
 Run from the repository root (DeepSpeed is optional; without it that row is skipped):
 
-    .venv/bin/python benchmarks/peers.py              # 7 rounds of 8 timed steps
-    .venv/bin/python benchmarks/peers.py --quick      # 2 rounds of 4, a smoke test
+    .venv/bin/python benchmarks/peers.py              # the MLP: 7 rounds of 8 timed steps
+    .venv/bin/python benchmarks/peers.py --workloads gpt,gpt-bf16-ckpt
+    .venv/bin/python benchmarks/peers.py --workloads all --quick   # a smoke test of each
     .venv/bin/python benchmarks/peers.py --timeline-dir /tmp/tl   # + stagewise timelines
 
-The workload (see ``benchmarks/peers_worker.py``): 8 ``Linear(1024, 1024)`` with
-ReLU between, MSE loss, 8 micro-batches of 16 rows, SGD, 2 stages, one thread
-per process, gloo on the CPU, run by
+The workloads (``benchmarks/workloads.py``): ``mlp`` (8 ``Linear(1024, 1024)``
+with ReLU between, MSE, 8 micro-batches of 16 rows) and ``gpt`` (4 attention
+blocks of width 256, tied embedding, T=64, 8 micro-batches of 4), the GPT also
+as ``gpt-bf16`` (bf16 autocast), ``gpt-ckpt`` (activation checkpointing) and
+``gpt-bf16-ckpt``; SGD, 2 stages, one thread per process, gloo on the CPU, run by
 
 1. DeepSpeed's pipeline engine (``deepspeed.pipe.PipelineModule`` +
-   ``deepspeed.initialize``, ``gradient_clipping`` 0),
+   ``deepspeed.initialize``, ``gradient_clipping`` 0; not under bf16 autocast,
+   which DeepSpeed's engine does not offer: its ``bf16`` casts the model),
 2. ``torch.distributed.pipelining``: ``Schedule1F1B``, ``ScheduleInterleaved1F1B``
    (2 stages per rank) and ``ScheduleZBVZeroBubble`` (2 stages per rank in a V),
-3. every stagewise schedule (``1f1b``, ``gpipe``, ``interleaved``, ``zb-h1``, ``zbv``),
+3. every stagewise schedule (``stagewise.schedule.registry.schedule_names()``),
 4. one process without a pipeline (the same layers, gradient accumulation).
 
 This script spawns ONE ``torchrun`` job of 2 processes that builds every
@@ -43,9 +47,18 @@ from typing import Any
 
 WORKER = Path(__file__).resolve().parent / "peers_worker.py"
 STAGES = 2
-GOAL_VS_DEEPSPEED = 0.75
-GOAL_VS_TORCH = 0.90
-GOAL_EFFICIENCY = 0.85
+# (vs DeepSpeed, vs the best torch schedule, efficiency) goals of the best stagewise schedule
+GOALS: dict[str, tuple[float | None, float | None, float | None]] = {
+    "mlp": (0.75, 0.90, 0.85),
+    "gpt": (0.80, 0.90, None),
+    "gpt-bf16": (None, 0.90, None),
+    "gpt-ckpt": (None, 0.90, None),
+    "gpt-bf16-ckpt": (None, 0.90, None),
+}
+# (contender, its reference, goal): contender's time over the reference's
+PAIR_GOALS: dict[str, list[tuple[str, str, float]]] = {
+    "gpt-bf16-ckpt": [("stagewise-zb-h1", "stagewise-1f1b", 0.92)],
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,11 +79,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--timeline-dir", help="also write each stagewise schedule's real timeline (PNG + JSON)"
     )
     parser.add_argument("--json", help="also save the raw per-round results here")
+    parser.add_argument(
+        "--workloads",
+        default="mlp",
+        help=f"comma-separated, or 'all' ({', '.join(GOALS)}); default: mlp",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps, args.warmup = 2, 4, 1
     if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
         parser.error("--rounds and --steps must be >= 1, --warmup >= 0")
+    args.workloads = list(GOALS) if args.workloads == "all" else args.workloads.split(",")
+    unknown = sorted(set(args.workloads) - set(GOALS))
+    if unknown:
+        parser.error(f"unknown workloads {unknown}; choose from {list(GOALS)}")
     return args
 
 
@@ -82,11 +104,13 @@ def load_average() -> str:
     return f"{one:.2f}, {five:.2f}, {fifteen:.2f} (1, 5, 15 min; {os.cpu_count()} CPUs)"
 
 
-def run_worker(args: argparse.Namespace, out: Path, with_deepspeed: bool) -> dict[str, Any]:
-    """Run the torchrun job; return the worker's JSON."""
-    from peers_worker import ALL_CONTENDERS
+def run_worker(
+    args: argparse.Namespace, workload: str, out: Path, with_deepspeed: bool
+) -> dict[str, Any]:
+    """Run the torchrun job of one workload; return the worker's JSON."""
+    from peers_worker import all_contenders
 
-    names = args.contenders.split(",") if args.contenders else list(ALL_CONTENDERS)
+    names = args.contenders.split(",") if args.contenders else list(all_contenders())
     if not with_deepspeed:
         names = [n for n in names if n != "deepspeed"]
     command = [
@@ -105,6 +129,8 @@ def run_worker(args: argparse.Namespace, out: Path, with_deepspeed: bool) -> dic
         str(args.warmup),
         "--contenders",
         ",".join(names),
+        "--workload",
+        workload,
         "--out",
         str(out),
     ]
@@ -134,8 +160,8 @@ def _summary(values: dict[str, float]) -> dict[str, float | None]:
     }
 
 
-def goal_lines(values: dict[str, float], label: str) -> list[str]:
-    """Whether the best stagewise schedule meets the three goals, on one estimator."""
+def goal_lines(values: dict[str, float], label: str, workload: str) -> list[str]:
+    """Whether the best stagewise schedule meets the workload's goals, on one estimator."""
     ours = {n: t for n, t in values.items() if n.startswith("stagewise-")}
     if not ours:
         return [f"{label}: no stagewise schedule measured"]
@@ -144,14 +170,21 @@ def goal_lines(values: dict[str, float], label: str) -> list[str]:
     best = ours[best_name]
     lines = [f"{label}: best stagewise schedule {best_name} ({best * 1e3:.1f} ms)"]
     deepspeed, torch_best, single = ref["deepspeed"], ref["torch"], ref["single"]
-    goals: list[tuple[str, float | None, float, str]] = [
-        ("vs DeepSpeed", best / deepspeed if deepspeed else None, GOAL_VS_DEEPSPEED, "<="),
-        ("vs best torch", best / torch_best if torch_best else None, GOAL_VS_TORCH, "<="),
-        ("efficiency", single / (STAGES * best) if single else None, GOAL_EFFICIENCY, ">="),
+    vs_ds, vs_torch, efficiency = GOALS[workload]
+    goals: list[tuple[str, float | None, float | None, str]] = [
+        ("vs DeepSpeed", best / deepspeed if deepspeed else None, vs_ds, "<="),
+        ("vs best torch", best / torch_best if torch_best else None, vs_torch, "<="),
+        ("efficiency", single / (STAGES * best) if single else None, efficiency, ">="),
     ]
+    for name, reference, goal in PAIR_GOALS.get(workload, []):
+        if name in values and reference in values:
+            goals.append((f"{name} / {reference}", values[name] / values[reference], goal, "<="))
     for name, value, goal, sense in goals:
         if value is None:
-            lines.append(f"  {name:<14} skipped (its reference was not measured)")
+            lines.append(f"  {name:<14} not measured (its reference did not run)")
+            continue
+        if goal is None:
+            lines.append(f"  {name:<14} {value:5.2f}")
             continue
         met = value <= goal if sense == "<=" else value >= goal
         lines.append(
@@ -160,7 +193,7 @@ def goal_lines(values: dict[str, float], label: str) -> list[str]:
     return lines
 
 
-def report(results: dict[str, list[float]]) -> list[str]:
+def report(results: dict[str, list[float]], workload: str) -> list[str]:
     """The table and the goals, as lines (times in seconds per step, one per round)."""
     rounds = {name: values for name, values in results.items() if values}
     median = {name: statistics.median(values) for name, values in rounds.items()}
@@ -189,8 +222,10 @@ def report(results: dict[str, list[float]]) -> list[str]:
         "efficiency = single / (2 x step); 'ceil' = single / single-x2, the most 2 processes",
         "can get from this machine now. Ratios use the medians over rounds.",
         "",
-        *goal_lines(median, "goals on medians over rounds"),
-        *goal_lines(best, "goals on each contender's best round (less sensitive to load)"),
+        *goal_lines(median, "goals on medians over rounds", workload),
+        *goal_lines(
+            best, "goals on each contender's best round (less sensitive to load)", workload
+        ),
     ]
     return lines
 
@@ -201,23 +236,28 @@ def main(argv: list[str] | None = None) -> None:
     with_deepspeed = importlib.util.find_spec("deepspeed") is not None
     if not with_deepspeed:
         print("DeepSpeed is not installed: its row is skipped (pip install deepspeed==0.19.8)")
-    before = load_average()
-    print(f"load average before: {before}")
-    print(
-        f"{args.rounds} rounds x {args.steps} timed steps (+{args.warmup} warm-up) per contender; "
-        "8 x Linear(1024, 1024), 8 micro-batches of 16, 2 stages, 1 thread/process, gloo/CPU",
-        flush=True,
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        data = run_worker(args, Path(tmp) / "peers.json", with_deepspeed)
-    after = load_average()
-    if args.json:
-        Path(args.json).write_text(json.dumps({**data, "load_before": before, "load_after": after}))
-    print()
-    print("\n".join(report(data["results"])))
-    print()
-    print(f"load average after:  {after}")
-    print(f"torch {data['meta']['torch']}, {data['meta']['threads']} thread per process")
+    for workload in args.workloads:
+        before = load_average()
+        print(f"\n== {workload} ==\nload average before: {before}")
+        print(
+            f"{args.rounds} rounds x {args.steps} timed steps (+{args.warmup} warm-up) per "
+            "contender",
+            flush=True,
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            data = run_worker(args, workload, Path(tmp) / "peers.json", with_deepspeed)
+        after = load_average()
+        if args.json:
+            path = Path(args.json)
+            path = path.with_name(f"{path.stem}-{workload}{path.suffix}")
+            record = {**data, "load_before": before, "load_after": after}
+            path.write_text(json.dumps(record))
+        print(data["meta"]["describe"])
+        print()
+        print("\n".join(report(data["results"], workload)))
+        print()
+        print(f"load average after:  {after}")
+        print(f"torch {data['meta']['torch']}, {data['meta']['threads']} thread per process")
     if args.timeline_dir:
         print(f"stagewise timelines written to {args.timeline_dir}")
 

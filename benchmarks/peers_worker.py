@@ -5,9 +5,9 @@ Not meant to be run by hand (``benchmarks/peers.py`` launches it), but it can be
     OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu .venv/bin/python -m torch.distributed.run \\
         --standalone --nproc_per_node 2 benchmarks/peers_worker.py --out /tmp/peers.json
 
-The workload: 8 ``Linear(1024, 1024)`` with a ReLU between each pair (15 layers),
-MSE against fixed random targets, 8 micro-batches of 16 rows, SGD, 2 stages (2
-chunks of 2 linears per stage for the interleaved and V schedules), one thread
+The workload (``--workload``, see ``benchmarks/workloads.py``): the MLP or the GPT,
+in fp32 or under bf16 autocast, with or without activation checkpointing; SGD,
+2 stages (2 chunks per stage for the interleaved and V schedules), one thread
 per process, gloo on the CPU. A step is one whole training batch: the 8
 micro-batches' forwards and backwards and the optimizer step.
 
@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
-import itertools
 import json
 import os
 import platform
@@ -44,71 +44,38 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from workloads import WORKLOADS, Workload, iterate
 
-WIDTH = 1024
-LINEARS = 8
-MICRO_BATCH = 16
-MICRO_BATCHES = 8
 STAGES = 2
 LR = 1e-4
 
 TORCH_SCHEDULES = ("1f1b", "interleaved", "zbv")
-STAGEWISE_SCHEDULES = ("1f1b", "gpipe", "interleaved", "zb-h1", "zbv")
-ALL_CONTENDERS = (
-    "single",
-    "single-x2",
-    "deepspeed",
-    *(f"torch-{name}" for name in TORCH_SCHEDULES),
-    *(f"stagewise-{name}" for name in STAGEWISE_SCHEDULES),
-)
+CHUNKS = {"interleaved": (2, "loop"), "zbv": (2, "v"), "dualpipev": (2, "v")}
 
 
-def layer_list() -> list[nn.Module]:
-    """The 15 layers: ``Linear, ReLU, Linear, ..., ReLU, Linear`` (8 linears), seeded."""
-    torch.manual_seed(1234)
-    layers: list[nn.Module] = []
-    for index in range(LINEARS):
-        if index:
-            layers.append(nn.ReLU())
-        layers.append(nn.Linear(WIDTH, WIDTH))
-    return layers
+def stagewise_schedules() -> tuple[str, ...]:
+    from stagewise.schedule.registry import schedule_names
+
+    return tuple(schedule_names())
 
 
-def layer_specs(spec_cls: Any) -> list[Any]:
-    """The same 15 layers as ``LayerSpec`` s of DeepSpeed or stagewise."""
-    specs: list[Any] = []
-    for index in range(LINEARS):
-        if index:
-            specs.append(spec_cls(nn.ReLU))
-        specs.append(spec_cls(nn.Linear, WIDTH, WIDTH))
-    return specs
+def all_contenders() -> tuple[str, ...]:
+    return (
+        "single",
+        "single-x2",
+        "deepspeed",
+        *(f"torch-{name}" for name in TORCH_SCHEDULES),
+        *(f"stagewise-{name}" for name in stagewise_schedules()),
+    )
 
 
-def boundaries(parts: int) -> list[int]:
-    """Uniform layer boundaries (DeepSpeed's ``partition_uniform``): 2 linears per 4 parts."""
-    count = 2 * LINEARS - 1
-    base, extra = divmod(count, parts)
-    bounds = [0]
-    for part in range(parts):
-        bounds.append(bounds[-1] + base + (1 if part < extra else 0))
-    return bounds
+def boundaries(workload: Workload, parts: int) -> list[int]:
+    """The layer boundaries every pipeline uses (stagewise's partition of the workload)."""
+    from stagewise.partition import compute_boundaries
 
-
-def micro_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The 8 fixed (inputs, targets) micro-batches, the same on every rank."""
-    gen = torch.Generator().manual_seed(42)
-    return [
-        (
-            torch.randn(MICRO_BATCH, WIDTH, generator=gen),  # (16, 1024)
-            torch.randn(MICRO_BATCH, WIDTH, generator=gen),  # (16, 1024)
-        )
-        for _ in range(MICRO_BATCHES)
-    ]
-
-
-def mse(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return nn.functional.mse_loss(outputs, labels)
+    specs = workload.stagewise_specs()
+    names = [spec.typename.__name__ for spec in specs]
+    return compute_boundaries(workload.partition_method, parts, class_names=names)
 
 
 @dataclass
@@ -122,15 +89,17 @@ class Contender:
 
 
 # -- the contenders ------------------------------------------------------------------
-def build_single(rank: int) -> Contender:
-    """One process, no pipeline: 8 micro-batches with gradient accumulation."""
-    model = nn.Sequential(*layer_list())
+def build_single(rank: int, workload: Workload) -> Contender:
+    """One process, no pipeline: the micro-batches with gradient accumulation."""
+    model = workload.reference()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    data = micro_batches()
+    data = workload.data()
+    loss_fn, count = workload.loss_fn, workload.micro_batches
 
     def step() -> None:
         for inputs, labels in data:
-            loss = mse(model(inputs), labels) / MICRO_BATCHES
+            with workload.autocast():
+                loss = loss_fn(model(inputs), labels) / count
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -138,31 +107,37 @@ def build_single(rank: int) -> Contender:
     return Contender("single", step, ranks=(0,), note="rank 0 alone")
 
 
-def build_single_x2(rank: int) -> Contender:
+def build_single_x2(rank: int, workload: Workload) -> Contender:
     """The one-process workload on both ranks at once: what the machine gives 2 processes."""
-    single = build_single(rank)
+    single = build_single(rank, workload)
     return Contender("single-x2", single.step, note="one copy per rank, simultaneously")
 
 
-def build_deepspeed(rank: int) -> Contender:
+def build_deepspeed(rank: int, workload: Workload) -> Contender | None:
+    """DeepSpeed's engine; None under bf16 autocast (DeepSpeed's bf16 casts the model)."""
+    if workload.bf16:
+        return None
     import deepspeed
-    from deepspeed.pipe import LayerSpec, PipelineModule
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
+    ckpt = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
     model = PipelineModule(
-        layers=layer_specs(LayerSpec),
+        layers=workload.specs(LayerSpec, TiedLayerSpec),
         num_stages=STAGES,
-        loss_fn=mse,
-        partition_method="uniform",
+        loss_fn=workload.loss_fn,
+        partition_method=workload.partition_method,
+        activation_checkpoint_interval=1 if workload.ckpt else 0,
+        activation_checkpoint_func=ckpt,
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     config = {
-        "train_micro_batch_size_per_gpu": MICRO_BATCH,
-        "gradient_accumulation_steps": MICRO_BATCHES,
+        "train_micro_batch_size_per_gpu": workload.micro_batch_size,
+        "gradient_accumulation_steps": workload.micro_batches,
         "gradient_clipping": 0.0,
         "steps_per_print": 10**9,
     }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    data = itertools.cycle(micro_batches())
+    data = iterate(workload.data())
 
     def step() -> None:
         engine.train_batch(data)
@@ -171,31 +146,34 @@ def build_deepspeed(rank: int) -> Contender:
 
 
 def stagewise_engine(
-    schedule: str, record_timeline: bool = False
+    schedule: str, workload: Workload, record_timeline: bool = False
 ) -> tuple[Any, Callable[[], None]]:
     """A stagewise engine running ``schedule``, and a function that trains it one batch."""
     import stagewise
-    from stagewise.pipe import LayerSpec, PipelineModule
+    from stagewise.pipe import PipelineModule
 
-    chunks = {"interleaved": (2, "loop"), "zbv": (2, "v")}.get(schedule, (1, "loop"))
+    chunks = CHUNKS.get(schedule, (1, "loop"))
     model = PipelineModule(
-        layers=layer_specs(LayerSpec),
+        layers=workload.stagewise_specs(),
         num_stages=STAGES,
-        loss_fn=mse,
-        partition_method="uniform",
+        loss_fn=workload.loss_fn,
+        partition_method=workload.partition_method,
+        activation_checkpoint_interval=1 if workload.ckpt else 0,
         virtual_stages=chunks[0],
         placement=chunks[1],
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    config = {
-        "train_micro_batch_size_per_gpu": MICRO_BATCH,
-        "gradient_accumulation_steps": MICRO_BATCHES,
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": workload.micro_batch_size,
+        "gradient_accumulation_steps": workload.micro_batches,
         "gradient_clipping": 0.0,
         "steps_per_print": 10**9,
         "pipeline": {"schedule": schedule, "record_timeline": record_timeline},
     }
+    if workload.bf16:
+        config["bf16"] = {"enabled": True}
     engine, _, _, _ = stagewise.initialize(model=model, optimizer=optimizer, config=config)
-    data = itertools.cycle(micro_batches())
+    data = iterate(workload.data())
 
     def step() -> None:
         engine.train_batch(data)
@@ -203,13 +181,14 @@ def stagewise_engine(
     return engine, step
 
 
-def build_stagewise(rank: int, schedule: str) -> Contender:
-    _engine, step = stagewise_engine(schedule)
+def build_stagewise(rank: int, schedule: str, workload: Workload) -> Contender:
+    _engine, step = stagewise_engine(schedule, workload)
     return Contender(f"stagewise-{schedule}", step)
 
 
-def build_torch(rank: int, schedule: str) -> Contender:
-    """``torch.distributed.pipelining`` over the same layers, split by hand."""
+def build_torch(rank: int, schedule: str, workload: Workload) -> Contender:
+    """``torch.distributed.pipelining`` over the same layers, split by hand at the same
+    boundaries; a weight tied across ranks gets its gradients summed by hand."""
     from torch.distributed.pipelining import (
         PipelineStage,
         Schedule1F1B,
@@ -218,53 +197,55 @@ def build_torch(rank: int, schedule: str) -> Contender:
     )
     from torch.distributed.pipelining.stage import _PipelineStageBase
 
-    layers = layer_list()
     if schedule == "1f1b":
         total, mine = STAGES, [rank]
     elif schedule == "interleaved":
         total, mine = 2 * STAGES, [rank, rank + STAGES]  # loop: rank r holds r and r + S
     else:
         total, mine = 2 * STAGES, [rank, 2 * STAGES - 1 - rank]  # V: r and 2S - 1 - r
-    bounds = boundaries(total)
-    modules = {index: nn.Sequential(*layers[bounds[index] : bounds[index + 1]]) for index in mine}
+    modules, tied = workload.torch_stage_modules(boundaries(workload, total), mine)
     stages: list[_PipelineStageBase] = [
         PipelineStage(modules[index], index, total, torch.device("cpu")) for index in sorted(mine)
     ]
-    params = [p for module in modules.values() for p in module.parameters()]
+    params = list({id(p): p for m in modules.values() for p in m.parameters()}.values())
     optimizer = torch.optim.SGD(params, lr=LR)
+    loss_fn, count = workload.loss_fn, workload.micro_batches
     sched: Any
     if schedule == "1f1b":
-        sched = Schedule1F1B(stages[0], MICRO_BATCHES, loss_fn=mse)
+        sched = Schedule1F1B(stages[0], count, loss_fn=loss_fn)
     elif schedule == "interleaved":
-        sched = ScheduleInterleaved1F1B(stages, MICRO_BATCHES, loss_fn=mse)
+        sched = ScheduleInterleaved1F1B(stages, count, loss_fn=loss_fn)
     else:
-        sched = ScheduleZBVZeroBubble(stages, MICRO_BATCHES, loss_fn=mse)
-    data = micro_batches()
-    inputs = torch.cat([x for x, _ in data])  # (128, 1024)
-    targets = torch.cat([y for _, y in data])  # (128, 1024)
+        sched = ScheduleZBVZeroBubble(stages, count, loss_fn=loss_fn)
+    data = workload.data()
+    inputs = torch.cat([x for x, _ in data])
+    targets = torch.cat([y for _, y in data])
     first, last = 0 in mine, total - 1 in mine
     args: tuple[torch.Tensor, ...] = (inputs,) if first else ()
     kwargs: dict[str, Any] = {"target": targets} if last else {}
 
     def step() -> None:
         sched.step(*args, return_outputs=False, **kwargs)
+        for weight in tied:  # the tie torch.distributed.pipelining does not keep
+            if weight.grad is not None:
+                dist.all_reduce(weight.grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return Contender(f"torch-{schedule}", step)
 
 
-def build(name: str, rank: int) -> Contender:
+def build(name: str, rank: int, workload: Workload) -> Contender | None:
     if name == "single":
-        return build_single(rank)
+        return build_single(rank, workload)
     if name == "single-x2":
-        return build_single_x2(rank)
+        return build_single_x2(rank, workload)
     if name == "deepspeed":
-        return build_deepspeed(rank)
+        return build_deepspeed(rank, workload)
     family, schedule = name.split("-", 1)
     if family == "torch":
-        return build_torch(rank, schedule)
-    return build_stagewise(rank, schedule)
+        return build_torch(rank, schedule, workload)
+    return build_stagewise(rank, schedule, workload)
 
 
 # -- timing ------------------------------------------------------------------------------
@@ -289,16 +270,19 @@ def timed_round(contender: Contender, rank: int, warmup: int, steps: int) -> flo
     return statistics.median(per_step) if rank == 0 else None
 
 
-def record_timelines(rank: int, directory: Path, steps: int) -> None:
+def record_timelines(rank: int, directory: Path, steps: int, workload: Workload) -> None:
     """Run each stagewise schedule with ``record_timeline`` and write its PNG and trace."""
     directory.mkdir(parents=True, exist_ok=True)
-    for schedule in STAGEWISE_SCHEDULES:
-        engine, step = stagewise_engine(schedule, record_timeline=True)
+    for schedule in stagewise_schedules():
+        engine, step = stagewise_engine(schedule, workload, record_timeline=True)
         for _ in range(steps):
             step()
-        stem = directory / f"stagewise-{schedule}"
+        stem = directory / f"stagewise-{workload.name}{'-bf16' if workload.bf16 else ''}"
+        stem = Path(f"{stem}{'-ckpt' if workload.ckpt else ''}-{schedule}")
         with contextlib.suppress(ImportError):  # no matplotlib: the trace only
-            engine.write_timeline(png=f"{stem}.png", title=f"stagewise {schedule}")
+            engine.write_timeline(
+                png=f"{stem}.png", title=f"stagewise {schedule}, {workload.label}"
+            )
         engine.write_timeline(trace=f"{stem}.json")
         del engine, step
         dist.barrier()
@@ -309,7 +293,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
-    parser.add_argument("--contenders", default=",".join(ALL_CONTENDERS))
+    parser.add_argument("--contenders", default="", help="comma-separated (default: all)")
+    parser.add_argument("--workload", default="mlp", choices=sorted(WORKLOADS))
     parser.add_argument("--out", required=True, help="rank 0 writes the results here (JSON)")
     parser.add_argument("--timeline-dir", help="also record stagewise timelines here")
     return parser.parse_args(argv)
@@ -317,10 +302,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    names = [n for n in args.contenders.split(",") if n]
-    unknown = sorted(set(names) - set(ALL_CONTENDERS))
+    workload = WORKLOADS[args.workload]
+    names = [n for n in args.contenders.split(",") if n] or list(all_contenders())
+    unknown = sorted(set(names) - set(all_contenders()))
     if unknown:
-        raise SystemExit(f"unknown contenders {unknown}; choose from {list(ALL_CONTENDERS)}")
+        raise SystemExit(f"unknown contenders {unknown}; choose from {list(all_contenders())}")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     has_deepspeed = importlib.util.find_spec("deepspeed") is not None
     if "deepspeed" in names and not has_deepspeed:
@@ -340,7 +326,9 @@ def main(argv: list[str] | None = None) -> None:
 
     contenders = []
     for name in names:
-        contender = build(name, rank)
+        contender = build(name, rank, workload)
+        if contender is None:
+            continue
         timed_round(contender, rank, warmup=2, steps=1)  # first-step set-up (shapes, buffers)
         contenders.append(contender)
     results: dict[str, list[float]] = {c.name: [] for c in contenders}
@@ -358,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     if args.timeline_dir:
         del contenders
-        record_timelines(rank, Path(args.timeline_dir), steps=3)
+        record_timelines(rank, Path(args.timeline_dir), 3, workload)
     if rank == 0:
         meta = {
             "torch": torch.__version__,
@@ -368,6 +356,8 @@ def main(argv: list[str] | None = None) -> None:
             "steps": args.steps,
             "warmup": args.warmup,
             "deepspeed_installed": has_deepspeed,
+            "workload": args.workload,
+            "describe": workload.describe(),
         }
         Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     dist.barrier()

@@ -148,6 +148,10 @@ def ds_config(case: dict[str, Any]) -> dict[str, Any]:
         "steps_per_print": 1000,
         "pipeline": {"timeout_s": case.get("timeout_s", 60)},
     }
+    if case.get("optimizer_config"):
+        config["optimizer"] = case["optimizer_config"]
+    if case.get("zero") is not None:
+        config["zero_optimization"] = {"stage": case["zero"], **case.get("zero_keys", {})}
     config["gradient_clipping"] = case.get("clip", 0.0)
     if case.get("bf16"):
         config["bf16"] = {"enabled": True}
@@ -183,6 +187,12 @@ def train_pipeline(rank: int, world_size: int, case: dict[str, Any]) -> dict[str
         "losses": losses,
         "state": {k: v.detach().clone() for k, v in module.state_dict().items()},
         "stage": engine.stage_id,
+        "optim_bytes": sum(
+            v.numel() * v.element_size()
+            for state in engine.optimizer.state.values()
+            for v in state.values()
+            if isinstance(v, torch.Tensor)
+        ),
     }
     if case.get("eval"):
         data = batches_for(case, 99, dp_rank)

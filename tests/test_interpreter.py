@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -18,6 +18,7 @@ from stagewise.schedule import (
     instructions,
     schedule_table,
 )
+from stagewise.schedule.kinds import Kind
 
 
 def _noop(instr: Any, batch: BatchState) -> None:
@@ -87,7 +88,8 @@ def test_register_adds_wraps_and_resolves_subclasses() -> None:
         code = "F"
 
     class Probe(PipeInstruction):
-        code = "PRB"
+        kind: ClassVar[Kind] = Kind.CUSTOM
+        code: ClassVar[str] = "PRB"
 
     interpreter = Interpreter(_all_classes(), 0, 0)
     seen: list[str] = []

@@ -36,7 +36,7 @@ from stagewise.schedule.registry import (
 )
 from stagewise.schedule.render import format_timeline
 from stagewise.schedule.simulate import simulate
-from stagewise.schedule.zero_bubble import ZBVSchedule, ZeroBubbleH1Schedule
+from stagewise.schedule.zero_bubble import ZBVSchedule, ZeroBubbleH1Schedule, ZeroBubbleH2Schedule
 
 Factory = Callable[..., PipeSchedule]
 
@@ -48,6 +48,7 @@ NEW_SCHEDULES: list[tuple[str, Factory]] = [
     ("interleaved-v3", schedule_factory("interleaved", 3)),
     ("zb-h1", schedule_factory("zb-h1")),
     ("zbv", schedule_factory("zbv")),
+    ("zb-h2", schedule_factory("zb-h2")),
 ]
 
 
@@ -107,7 +108,7 @@ def test_split_backward_only_in_zero_bubble_schedules() -> None:
         name: {type(ins) for s in range(4) for step in f(8, 4, s).steps() for ins in step}
         for name, f in NEW_SCHEDULES
     }
-    for name in ("zb-h1", "zbv"):
+    for name in ("zb-h1", "zbv", "zb-h2"):
         assert {BackwardInputPass, BackwardWeightPass} <= kinds[name]
         assert BackwardPass not in kinds[name]
     for name in ("gpipe", "interleaved-v1", "interleaved-v2", "interleaved-v3"):
@@ -217,9 +218,11 @@ def test_zbv_places_chunks_in_a_v(stages: int) -> None:
 
 def test_zbv_rejects_bad_placement_queries() -> None:
     schedule = ZBVSchedule(4, 3, 0)
-    with pytest.raises(ValueError, match=r"virtual_stage must be in \[0, 6\) for 3 stages, got 6"):
+    with pytest.raises(
+        ValueError, match=r"virtual_stage must be in \[0, 6\) for 3 stages × 2 chunks, got 6"
+    ):
         schedule.locate(6)
-    with pytest.raises(ValueError, match=r"chunks 0 and 1, got chunk_id=2"):
+    with pytest.raises(ValueError, match=r"chunks 0..1, got chunk_id=2"):
         schedule.virtual_stage(0, 2)
 
 
@@ -263,6 +266,7 @@ def test_zbv_buffers_are_per_chunk() -> None:
         (InterleavedSchedule, functools.partial(InterleavedSchedule, virtual_stages=2), 4, 2),
         (ZeroBubbleH1Schedule, ZeroBubbleH1Schedule, 6, 4),
         (ZBVSchedule, ZBVSchedule, 4, 2),
+        (ZeroBubbleH2Schedule, ZeroBubbleH2Schedule, 6, 3),
     ],
 )
 def test_docstring_timelines_match_the_simulation(
@@ -308,7 +312,15 @@ def test_pass_text() -> None:
 
 # -- registry ------------------------------------------------------------------------------
 def test_registry_names_every_schedule() -> None:
-    assert schedule_names() == ["1f1b", "gpipe", "interleaved", "zb-h1", "zbv"]
+    assert schedule_names() == [
+        "1f1b",
+        "gpipe",
+        "interleaved",
+        "zb-h1",
+        "zbv",
+        "zb-h2",
+        "dualpipev",
+    ]
     assert get_schedule_class("1f1b") is TrainSchedule
     assert get_schedule_class("GPipe") is GPipeSchedule
     assert get_schedule_class("zb_h1") is ZeroBubbleH1Schedule
@@ -319,7 +331,7 @@ def test_registry_names_every_schedule() -> None:
 def test_unknown_schedule_lists_the_valid_names() -> None:
     with pytest.raises(
         ValueError,
-        match=r"unknown pipeline schedule 'pipedream': valid names are 1f1b, gpipe, interleaved, zb-h1, zbv",
+        match=r"unknown pipeline schedule 'pipedream': valid names are 1f1b, gpipe, interleaved, zb-h1, zbv, zb-h2, dualpipev",
     ):
         get_schedule_class("pipedream")
     with pytest.raises(TypeError, match=r"must be a string, got int 3"):

@@ -197,3 +197,7 @@ class PipelineParallelGrid:
 
     def get_slice_parallel_group(self) -> Any:
         return self.slice_proc_group
+
+    def get_tensor_model_parallel_group(self) -> Any:
+        """The slice group under Megatron's name (tensor-parallel layers take the grid as mpu)."""
+        return self.slice_proc_group

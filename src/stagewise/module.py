@@ -23,11 +23,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from stagewise.backward.recompute import checkpoint as recompute_checkpoint
 from stagewise.dist_utils import default_device, require_dist
 from stagewise.errors import ConfigError
 from stagewise.grid import PipelineParallelGrid
 from stagewise.layer_digest import check_same_layers
 from stagewise.partition import PartitionMethod, compute_boundaries
+from stagewise.schedule.placement import Placement, PlacementKind
 from stagewise.spec import LayerSpec, TiedLayerSpec, get_attr_path, seed_everything
 from stagewise.tied import check_tied_specs, synchronize_tied_weights, tied_groups
 from stagewise.topology import PipeDataParallelTopology, ProcessTopology
@@ -36,11 +38,13 @@ __all__ = ["PipelineModule", "non_reentrant_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
-PLACEMENTS = ("loop", "v")
-
 
 def non_reentrant_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
-    """``torch.utils.checkpoint`` without re-entry: works when no input needs a gradient."""
+    """``torch.utils.checkpoint`` without re-entry: works when no input needs a gradient.
+
+    The default is :func:`stagewise.backward.checkpoint`, which also works when no
+    input needs a gradient and recomputes once per backward when it is split.
+    """
     return torch_checkpoint(function, *args, use_reentrant=False)
 
 
@@ -88,7 +92,8 @@ class PipelineModule(nn.Module):
         partition_method: ``'parameters'``, ``'uniform'``, ``'type:REGEX'``,
             ``'profile'`` or an explicit list of boundaries.
         activation_checkpoint_interval: checkpoint every this many layers (0: off).
-        activation_checkpoint_func: the checkpoint function (non-reentrant torch default).
+        activation_checkpoint_func: the checkpoint function (default:
+            :func:`stagewise.backward.checkpoint`, non-reentrant, recomputing once).
         checkpointable_layers: class names that may be checkpointed (default: any
             layer with parameters).
         dynamic_shape: accepted for DeepSpeed compatibility; shapes between stages are
@@ -110,11 +115,11 @@ class PipelineModule(nn.Module):
         base_seed: int = 1234,
         partition_method: str | Sequence[int] = "parameters",
         activation_checkpoint_interval: int = 0,
-        activation_checkpoint_func: Callable[..., Any] = non_reentrant_checkpoint,
+        activation_checkpoint_func: Callable[..., Any] = recompute_checkpoint,
         checkpointable_layers: Sequence[str] | None = None,
         dynamic_shape: bool = False,
         virtual_stages: int = 1,
-        placement: str = "loop",
+        placement: str | PlacementKind = "loop",
         profile_input: Any = None,
     ) -> None:
         super().__init__()
@@ -125,12 +130,10 @@ class PipelineModule(nn.Module):
             raise ValueError(
                 f"activation_checkpoint_interval must be >= 0, got {activation_checkpoint_interval}"
             )
-        if virtual_stages < 1:
-            raise ValueError(f"virtual_stages must be >= 1, got {virtual_stages}")
-        if placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-        if placement == "v" and virtual_stages != 2:
-            raise ValueError(f"placement='v' needs virtual_stages=2, got {virtual_stages}")
+        if not isinstance(virtual_stages, int) or virtual_stages < 1:
+            raise ValueError(f"virtual_stages must be an integer >= 1, got {virtual_stages!r}")
+        kind = PlacementKind.parse(placement)
+        Placement(1, virtual_stages, kind)  # the kind and its chunk count, checked early
 
         self.global_rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -152,7 +155,8 @@ class PipelineModule(nn.Module):
         self._topo = topology
         self.num_stages = max(topology.get_dim("pipe"), 1)
         self.num_chunks = virtual_stages
-        self.placement = placement
+        # Where each chunk's virtual stage lives: the value the schedules use too.
+        self.placement = Placement(self.num_stages, virtual_stages, kind)
         self._layer_specs = list(layers)
         self._num_layers = len(self._layer_specs)
         self.loss_fn = loss_fn
@@ -165,8 +169,8 @@ class PipelineModule(nn.Module):
             list(checkpointable_layers) if checkpointable_layers is not None else None
         )
         self.dynamic_shape = dynamic_shape
-        # JSON-able facts about the model that checkpoints keep in their manifest (an
-        # adapter records, e.g., the Hugging Face config it was built from).
+        # JSON-able facts about the model that save_checkpoint writes into the manifest
+        # under "metadata" (e.g. stagewise.hf's config, for export).
         self.checkpoint_metadata: dict[str, Any] = {}
 
         num_parts = self.num_stages * self.num_chunks
@@ -212,9 +216,7 @@ class PipelineModule(nn.Module):
     # -- partitioning -------------------------------------------------------------------
     def virtual_stage(self, stage_id: int, chunk_id: int) -> int:
         """The part of the layers that ``chunk_id`` of ``stage_id`` holds."""
-        if self.placement == "v" and chunk_id == 1:
-            return 2 * self.num_stages - 1 - stage_id
-        return chunk_id * self.num_stages + stage_id
+        return self.placement.virtual_stage(stage_id, chunk_id)
 
     def chunk_bounds(self, chunk_id: int, stage_id: int | None = None) -> tuple[int, int]:
         """``(start, stop)`` layer indices of a chunk of a stage (this stage by default)."""
@@ -378,10 +380,10 @@ class PipelineModule(nn.Module):
         return x
 
     def is_last_virtual_stage(self, chunk_id: int = 0) -> bool:
-        return self.virtual_stage(self.stage_id, chunk_id) == self.num_stages * self.num_chunks - 1
+        return self.placement.is_last(self.stage_id, chunk_id)
 
     def is_first_virtual_stage(self, chunk_id: int = 0) -> bool:
-        return self.virtual_stage(self.stage_id, chunk_id) == 0
+        return self.placement.is_first(self.stage_id, chunk_id)
 
     # -- DeepSpeed's accessors -----------------------------------------------------------
     @property

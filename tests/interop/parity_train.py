@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument(
         "--untied", action="store_true", help="give the head its own key (no tied weights)"
     )
+    parser.add_argument("--zero", type=int, default=0, help="zero_optimization.stage")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -51,7 +52,7 @@ def main() -> None:
 
         ds.init_distributed(dist_backend="gloo")
 
-    engine = train_engine(ds, pipe, clip=args.clip, untied=args.untied)
+    engine = train_engine(ds, pipe, clip=args.clip, untied=args.untied, zero_stage=args.zero)
     model = engine.module
 
     losses = [

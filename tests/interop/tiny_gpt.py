@@ -47,9 +47,13 @@ def token_batches(
     return out
 
 
-def train_engine(api: Any, pipe: Any, clip: float = 0.0, untied: bool = False) -> Any:
+def train_engine(
+    api: Any, pipe: Any, clip: float = 0.0, untied: bool = False, zero_stage: int = 0
+) -> Any:
     """The 2-stage engine both scripts train: ``api`` is ``deepspeed`` or ``stagewise``,
-    ``pipe`` its ``.pipe`` module (the only difference between the two runs)."""
+    ``pipe`` its ``.pipe`` module (the only difference between the two runs). With more
+    than 2 processes the rest are data-parallel replicas; ``zero_stage`` 1 shards the
+    optimizer state over them (SGD: an optimizer DeepSpeed's ZeRO has not tested)."""
     model = pipe.PipelineModule(
         layers=gpt_specs(pipe.LayerSpec, pipe.TiedLayerSpec, untied=untied),
         num_stages=2,
@@ -65,5 +69,8 @@ def train_engine(api: Any, pipe: Any, clip: float = 0.0, untied: bool = False) -
         "steps_per_print": 1000,
         "gradient_clipping": clip,
     }
+    if zero_stage:
+        config["zero_optimization"] = {"stage": zero_stage}
+        config["zero_allow_untested_optimizer"] = True
     engine, _, _, _ = api.initialize(model=model, optimizer=optimizer, config=config)
     return engine

@@ -29,10 +29,16 @@ from stagewise.checkpoint.layout import (
     rank_file_name,
     read_latest,
     read_manifest,
+    verify_manifest,
 )
 from stagewise.checkpoint.load import load_checkpoint
 from stagewise.checkpoint.save import save_checkpoint
-from stagewise.checkpoint.state import CheckpointView, LoadResult, TrainingCounters
+from stagewise.checkpoint.state import (
+    CheckpointView,
+    LoadResult,
+    ShardedOptimizer,
+    TrainingCounters,
+)
 from stagewise.errors import CheckpointError
 
 __all__ = [
@@ -43,6 +49,7 @@ __all__ = [
     "CheckpointView",
     "LayerTable",
     "LoadResult",
+    "ShardedOptimizer",
     "TrainingCounters",
     "export_checkpoint",
     "import_state_dict",
@@ -54,4 +61,5 @@ __all__ = [
     "read_state_dict",
     "resolve_tag_dir",
     "save_checkpoint",
+    "verify_manifest",
 ]

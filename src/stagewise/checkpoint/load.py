@@ -92,7 +92,12 @@ def _load_training_state(
     if view.loss_scaler is not None and states.get("loss_scaler") is not None:
         view.loss_scaler.load_state_dict(states["loss_scaler"])
     if load_optimizer_states and view.optimizer is not None:
-        load_optimizer_state(view.optimizer, view.layers, view.table, tag_dir, view.rank_repr)
+        target = view.optimizer
+        if view.sharded_optimizer is not None:  # ZeRO-1: this replica keeps its share
+            target = view.sharded_optimizer.unsharded_loader()
+        load_optimizer_state(
+            target, view.layers, view.table, tag_dir, view.rank_repr, type(view.optimizer).__name__
+        )
     if (
         load_lr_scheduler_states
         and view.lr_scheduler is not None

@@ -33,8 +33,15 @@ def parameter_names(
     return where
 
 
-def layer_optimizer_state(optimizer: Any, layer: nn.Module) -> dict[str, Any]:
-    """The optimizer state of one layer's parameters, keyed by parameter name."""
+def layer_optimizer_state(
+    optimizer: Any, layer: nn.Module, optimizer_name: str | None = None
+) -> dict[str, Any]:
+    """The optimizer state of one layer's parameters, keyed by parameter name.
+
+    ``optimizer`` has ``param_groups`` and ``state`` by parameter (a ``torch.optim``
+    optimizer, or a sharded one's gathered state); ``optimizer_name`` is its class
+    name (default: ``optimizer``'s).
+    """
     group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
     params: dict[str, Any] = {}
     groups: dict[int, Any] = {}
@@ -47,7 +54,7 @@ def layer_optimizer_state(optimizer: Any, layer: nn.Module) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "optimizer": type(optimizer).__name__,
+        "optimizer": optimizer_name or type(optimizer).__name__,
         "params": params,
         "param_groups": cpu_copy(groups),
     }
@@ -59,8 +66,15 @@ def load_optimizer_state(
     table: LayerTable,
     tag_dir: str,
     rank_repr: str = "",
+    optimizer_name: str | None = None,
 ) -> None:
-    """Load ``optimizer``'s state from the layer files of ``tag_dir``."""
+    """Load ``optimizer``'s state from the layer files of ``tag_dir``.
+
+    ``optimizer`` has ``param_groups`` and ``load_state_dict`` (a ``torch.optim``
+    optimizer, or a sharded one's loader); ``optimizer_name`` is its class name
+    (default: ``optimizer``'s), which the files must record.
+    """
+    cls_name = optimizer_name or type(optimizer).__name__
     where = parameter_names(layers, table)
     files: dict[int, dict[str, Any]] = {}
     state: dict[int, Any] = {}
@@ -81,10 +95,10 @@ def load_optimizer_state(
                 path = os.path.join(tag_dir, layer_file_name(owner, "optim", rank_repr))
                 data = load_file(path, f"optimizer state of layer {owner}")
                 saved_cls = data.get("optimizer")
-                if saved_cls != type(optimizer).__name__:
+                if saved_cls != cls_name:
                     raise CheckpointError(
                         f"{path} holds {saved_cls} state but the optimizer is "
-                        f"{type(optimizer).__name__}; use the same optimizer or pass "
+                        f"{cls_name}; use the same optimizer or pass "
                         "load_optimizer_states=False"
                     )
                 files[owner] = data

@@ -72,15 +72,18 @@ def capture(view: CheckpointView, client_state: Mapping[str, Any]) -> dict[str, 
     table, optimizer, suffix = view.table, view.optimizer, view.rank_repr
     client = cpu_copy(copy.deepcopy(dict(client_state)))
     files: dict[str, Any] = {}
+    source = optimizer  # what the layers' optimizer files are read from
+    if view.sharded_optimizer is not None:  # ZeRO-1: every replica sends its share
+        source = view.sharded_optimizer.gather_unsharded()
     if view.writes_layers:
         for idx, layer in sorted(view.layers.items()):
             if idx not in table.module_files:
                 continue
             files[layer_file_name(idx, "model", suffix)] = cpu_copy(layer.state_dict())
             has_params = any(True for _ in layer.parameters())
-            if optimizer is not None and table.owner(idx) == idx and has_params:
+            if source is not None and table.owner(idx) == idx and has_params:
                 files[layer_file_name(idx, "optim", suffix)] = layer_optimizer_state(
-                    optimizer, layer
+                    source, layer, type(optimizer).__name__
                 )
     if view.global_rank == 0:
         scheduler, scaler, counters = view.lr_scheduler, view.loss_scaler, view.counters

@@ -25,6 +25,7 @@ from stagewise.collectives import Collectives
 __all__ = [
     "CheckpointView",
     "LoadResult",
+    "ShardedOptimizer",
     "Stateful",
     "TrainingCounters",
     "rng_state",
@@ -38,6 +39,25 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class ShardedOptimizer(Protocol):
+    """An optimizer whose state is spread over a stage's data-parallel replicas (ZeRO-1).
+
+    Checkpoints hold its state as an unsharded optimizer's: both methods return an
+    object with ``param_groups`` over the model's parameters (with their
+    hyperparameters), as ``torch.optim`` optimizers have.
+    """
+
+    def gather_unsharded(self) -> Any:
+        """Every replica calls it: on data-parallel rank 0 (the writer) the whole state, with
+        ``state`` by parameter; None on the others."""
+        ...
+
+    def unsharded_loader(self) -> Any:
+        """An object whose ``load_state_dict`` takes an unsharded optimizer's state dict and
+        keeps this replica's share of it."""
+        ...
 
 
 @dataclass
@@ -79,6 +99,9 @@ class CheckpointView:
         metadata: JSON-able facts about the model, kept in the manifest.
         data_state: where this rank's data loader is (a stagewise loader's
             ``state_dict()``), saved with its RNG state; None when it has none.
+        sharded_optimizer: with ZeRO-1, ``optimizer``'s state spread over the replicas:
+            saving gathers it into the layer files of an unsharded run, loading gives
+            each replica its share (None: ``optimizer`` holds its whole state).
     """
 
     table: LayerTable
@@ -96,6 +119,7 @@ class CheckpointView:
     collectives: Collectives = field(default_factory=lambda: Collectives(300.0, "rank 0"))
     metadata: Mapping[str, Any] = field(default_factory=dict)
     data_state: Any = None
+    sharded_optimizer: ShardedOptimizer | None = None
 
 
 @dataclass

@@ -5,7 +5,8 @@ Subcommands:
 * ``stagewise demo``: train the embedded GPT over pipeline stages on CPU;
 * ``stagewise simulate --schedule NAME --stages S --micro-batches M``: a schedule's
   simulated timeline (makespan, bubble, peak activations; ``--png`` draws it);
-* ``stagewise export CKPT OUT``: one consolidated state dict from a checkpoint.
+* ``stagewise export CKPT OUT``: one consolidated state dict from a checkpoint;
+  ``stagewise export --hf CKPT OUT_DIR``: a Hugging Face ``from_pretrained`` directory.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ USAGE = """usage: stagewise {demo,simulate,export} [options]
 
   demo       train a GPT over pipeline stages on CPU (spawns its own processes)
   simulate   the simulated timeline of a schedule
-  export     a checkpoint as one consolidated state dict (or the reverse, --split)
+  export     a checkpoint as one consolidated state dict (or the reverse, --split;
+             --hf: a Hugging Face from_pretrained directory)
 
 Run 'stagewise COMMAND --help' for a command's options."""
 
@@ -31,12 +33,16 @@ def _demo(argv: list[str]) -> int:
 
 
 def _simulate(argv: list[str]) -> int:
-    from stagewise.simulate_cli import simulate_main
+    from stagewise.cli.simulate import simulate_main
 
     return simulate_main(argv)
 
 
 def _export(argv: list[str]) -> int:
+    if "--hf" in argv:  # a Hugging Face directory (stagewise[hf])
+        from stagewise.hf.export import export_hf_main
+
+        return export_hf_main([arg for arg in argv if arg != "--hf"])
     from stagewise.cli.export import export_main
 
     return export_main(argv)

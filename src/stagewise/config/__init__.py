@@ -24,6 +24,7 @@ from stagewise.config.sections import (
     PipelineConfig,
     SchedulerConfig,
 )
+from stagewise.config.zero import ZeroConfig
 from stagewise.errors import ConfigError
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "OptimizerConfig",
     "PipelineConfig",
     "SchedulerConfig",
+    "ZeroConfig",
 ]
 
 
@@ -54,6 +56,8 @@ class Config:
     steps_per_print: int = 10
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     wall_clock_breakdown: bool = False
+    # zero_optimization (stage 1: optimizer state sharded over data-parallel replicas).
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
     # Periodic, rotating, asynchronous checkpoints and automatic resume.
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -161,14 +165,9 @@ class Config:
                 typed("", key, data[key], bool)
         if "checkpoint" in data:
             out.checkpoint = CheckpointConfig.from_dict(data["checkpoint"])
-        zero = data.get("zero_optimization", {})
-        stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
-        if stage:
-            raise ConfigError(
-                f"zero_optimization.stage={stage} is not supported by stagewise's pipeline "
-                "engine (DeepSpeed's pipeline engine supports only stages 0 and 1); remove it "
-                "or set it to 0"
-            )
+        out.zero = ZeroConfig.from_dict(
+            data.get("zero_optimization"), data.get("zero_allow_untested_optimizer", False)
+        )
         return out
 
     def resolve_batch(self, dp_world_size: int) -> tuple[int, int, int]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from stagewise.config.keys import check_booleans, check_keys, typed
 from stagewise.errors import ConfigError
+from stagewise.schedule.registry import ScheduleChoice
 
 __all__ = ["FP16Config", "OptimizerConfig", "PipelineConfig", "SchedulerConfig"]
 
@@ -16,9 +17,10 @@ class PipelineConfig:
     """The ``pipeline`` section."""
 
     # Which schedule trains: "1f1b" (DeepSpeed's TrainSchedule), "gpipe",
-    # "interleaved", "zb-h1" or "zbv".
+    # "interleaved", "zb-h1", "zb-h2", "zbv" or "dualpipev" (the registry's names;
+    # checked and read as a ScheduleChoice, `choice`).
     schedule: str = "1f1b"
-    # Model chunks per stage for "interleaved" (default 2); "zbv" always runs 2.
+    # Model chunks per stage for "interleaved" (default 2); "zbv" and "dualpipev" run 2.
     virtual_stages: int | None = None
     # Checkpoint activations every this many layers (overrides the module's when set).
     activation_checkpoint_interval: int | None = None
@@ -40,9 +42,17 @@ class PipelineConfig:
     # DeepSpeed's keys, accepted for compatibility and unused here.
     stages: Any = "auto"
     partition: Any = "best"
-    pipe_partitioned: bool = True
-    grad_partitioned: bool = True
+    # DeepSpeed splits activations (gradients) over tensor-parallel slices between
+    # stages; here they travel whole. True with a model axis is an error; absent
+    # (DeepSpeed's default, true) or false: whole, with the same results.
+    pipe_partitioned: bool | None = None
+    grad_partitioned: bool | None = None
     use_reentrant: bool = False
+
+    @property
+    def choice(self) -> ScheduleChoice:
+        """The training schedule and its chunk count, as a value."""
+        return ScheduleChoice.parse(self.schedule, self.virtual_stages)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PipelineConfig:
@@ -55,6 +65,12 @@ class PipelineConfig:
                 f"pipeline.nonfinite must be 'error' or 'skip', got {out.nonfinite!r}"
             )
         typed(p, "schedule", out.schedule, str)
+        if out.virtual_stages is not None:
+            typed(p, "virtual_stages", out.virtual_stages, int)
+        try:
+            out.schedule = ScheduleChoice.parse(out.schedule, out.virtual_stages).name
+        except ValueError as exc:
+            raise ConfigError(f"pipeline.schedule / pipeline.virtual_stages: {exc}") from None
         typed(p, "timeout_s", out.timeout_s, (int, float))
         if out.virtual_stages is not None and (
             typed(p, "virtual_stages", out.virtual_stages, int) < 1

@@ -38,4 +38,5 @@ def checkpoint_view(
         device=device,
         collectives=parts.collectives,
         metadata=module.checkpoint_metadata,
+        sharded_optimizer=parts.zero,
     )

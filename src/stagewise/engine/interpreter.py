@@ -127,7 +127,9 @@ class Interpreter:
                         begin = time.perf_counter() - start
                         handler(instr, batch)
                         end = time.perf_counter() - start
-                        events.append(TimelineEvent(self.stage_id, repr(instr), begin, end))
+                        events.append(
+                            TimelineEvent(self.stage_id, repr(instr), begin, end, instr.kind)
+                        )
                     else:
                         handler(instr, batch)
                 except InstructionError:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from stagewise.backward.linear import WeightGradStore
 from stagewise.checkpoint import TrainingCounters
 from stagewise.collectives import Collectives
 from stagewise.config import Config
@@ -24,7 +25,6 @@ from stagewise.engine.grad_step import GradientReducer
 from stagewise.engine.nonfinite import NonFiniteGuard
 from stagewise.errors import ConfigError
 from stagewise.lr_schedules import build_lr_scheduler
-from stagewise.split_backward import WeightGradStore
 
 __all__ = ["LossScaler", "Stepper", "build_lr_scheduler_for", "optimizer_from_config"]
 
@@ -124,7 +124,9 @@ class Stepper:
     """What one ``OptimizerStep`` needs.
 
     Attributes:
-        optimizer: the optimizer over this rank's parameters.
+        optimizer: the optimizer over this rank's parameters (with ZeRO-1, the
+            :class:`~stagewise.engine.zero.ZeroOptimizer` around it: anything with
+            ``step()`` and ``zero_grad(set_to_none=...)``).
         lr_scheduler: stepped after every optimizer step (or None).
         loss_scaler: fp16's dynamic loss scale (or None).
         reducer: the gradient collectives (clipping by the global norm).

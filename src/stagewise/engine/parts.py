@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from stagewise.backward.linear import WeightGradStore, route_linear_weight_grads
 from stagewise.checkpoint import TrainingCounters
 from stagewise.collectives import Collectives
 from stagewise.config import Config
@@ -33,6 +34,7 @@ from stagewise.engine.results import Results
 from stagewise.engine.stage_exec import StageExecutor
 from stagewise.engine.state import BatchState
 from stagewise.engine.transfer import Links, Transfers
+from stagewise.engine.zero import ZeroOptimizer, build_zero
 from stagewise.errors import ConfigError
 from stagewise.grid import PipelineParallelGrid
 from stagewise.module import PipelineModule
@@ -53,9 +55,8 @@ from stagewise.schedule import (
     SendGrad,
 )
 from stagewise.schedule.check import ScheduleFactory
-from stagewise.schedule.registry import schedule_factory
+from stagewise.schedule.placement import Placement
 from stagewise.schedule.routes import ChunkRoutes, stage_routes
-from stagewise.split_backward import WeightGradStore, route_linear_weight_grads
 
 __all__ = ["EngineParts", "build_parts", "handler_table", "link_groups"]
 
@@ -78,29 +79,19 @@ class EngineParts:
     stepper: Stepper
     results: Results
     weight_store: WeightGradStore
+    zero: ZeroOptimizer | None = None  # ZeRO-1's sharding of ``optimizer`` (stage 1)
 
 
-def _check_layout(probe: PipeSchedule, module: PipelineModule, name: str) -> None:
-    """The module's chunks must be placed where the schedule runs them."""
-    is_v = probe.num_chunks == 2 and probe.virtual_stage(0, 1) == 2 * probe.stages - 1
-    placement = "v" if is_v else "loop"
-    hint = (
-        f"build it with PipelineModule(..., virtual_stages={probe.num_chunks}, "
-        f"placement={placement!r})"
-    )
-    if probe.num_chunks != module.num_chunks:
+def _check_layout(wanted: Placement, module: PipelineModule, name: str) -> None:
+    """The module's chunks must be placed where the schedule runs them (one value: both
+    are a :class:`~stagewise.schedule.placement.Placement`)."""
+    if wanted != module.placement:
         raise ConfigError(
-            f"pipeline.schedule={name!r} runs {probe.num_chunks} model chunks per stage but the "
-            f"PipelineModule holds {module.num_chunks}; {hint}"
+            f"pipeline.schedule={name!r} runs {wanted.chunks} model chunk(s) per stage placed "
+            f"{wanted.kind.value!r}, but the PipelineModule holds {module.placement.chunks} "
+            f"placed {module.placement.kind.value!r}; build it with PipelineModule(..., "
+            f"virtual_stages={wanted.chunks}, placement={wanted.kind.value!r})"
         )
-    for chunk in range(probe.num_chunks):
-        want = probe.virtual_stage(probe.stage_id, chunk)
-        have = module.virtual_stage(probe.stage_id, chunk)
-        if want != have:
-            raise ConfigError(
-                f"pipeline.schedule={name!r} places chunk {chunk} of stage {probe.stage_id} at "
-                f"virtual stage {want} but the PipelineModule placed it at {have}; {hint}"
-            )
 
 
 def link_groups(grid: PipelineParallelGrid, layout: PipeSchedule) -> dict[tuple[int, int], Any]:
@@ -134,6 +125,20 @@ def _autocast(config: Config, device: torch.device) -> Callable[[], Any]:
     return contextlib.nullcontext
 
 
+def _check_partitioned(config: Config, grid: PipelineParallelGrid) -> None:
+    """DeepSpeed's partitioned transfers between tensor-parallel stages are not done here."""
+    if grid.get_slice_parallel_world_size() == 1:
+        return  # no effect without tensor parallelism, in DeepSpeed too
+    for key in ("pipe_partitioned", "grad_partitioned"):
+        if getattr(config.pipeline, key):
+            raise ConfigError(
+                f"pipeline.{key}=true: stagewise sends activations and gradients whole between "
+                "stages (each tensor-parallel slice its own copy); it does not split them over "
+                f"the {grid.get_slice_parallel_world_size()} slices as DeepSpeed does. The "
+                f"results are the same: remove pipeline.{key} or set it to false"
+            )
+
+
 def _splits_backward(probe: PipeSchedule) -> bool:
     return any(isinstance(i, BackwardInputPass) for step in probe.steps() for i in step)
 
@@ -153,12 +158,10 @@ def build_parts(
     stage_id = grid.get_stage_id()
     stages = grid.get_pipe_parallel_world_size()
     pipe = config.pipeline
-    try:
-        factory = schedule_factory(pipe.schedule, pipe.virtual_stages)
-    except ValueError as exc:
-        raise ConfigError(f"pipeline.schedule / pipeline.virtual_stages: {exc}") from None
+    choice = pipe.choice  # checked when the config was read
+    factory = choice.factory()
+    _check_layout(choice.layout(stages), module, choice.name)
     layout = factory(micro_batches, stages, stage_id)
-    _check_layout(layout, module, pipe.schedule)
 
     if optimizer is None and config.optimizer is not None:
         params = model_parameters if model_parameters is not None else module.parameters()
@@ -167,6 +170,8 @@ def build_parts(
     loss_scaler = LossScaler(config.fp16) if config.fp16.enabled else None
     counters = TrainingCounters()
     collectives = Collectives(pipe.timeout_s, describe(grid.get_global_rank()))
+    _check_partitioned(config, grid)
+    zero = build_zero(config.zero, optimizer, grid, collectives)
 
     routes = stage_routes(layout)
     links = Links(
@@ -197,10 +202,12 @@ def build_parts(
         _autocast(config, device),
         (lambda: loss_scaler.scale) if loss_scaler is not None else (lambda: 1.0),
         weight_store,
+        splits_backward=_splits_backward(layout),
     )
-    reducer = GradientReducer(module, grid, collectives, device)
+    bucket = config.zero.reduce_bucket_size if zero is not None else None
+    reducer = GradientReducer(module, grid, collectives, device, bucket)
     stepper = Stepper(
-        optimizer,
+        zero if zero is not None else optimizer,
         lr_scheduler,
         loss_scaler,
         reducer,
@@ -231,6 +238,7 @@ def build_parts(
         stepper=stepper,
         results=results,
         weight_store=weight_store,
+        zero=zero,
     )
 
 

@@ -6,9 +6,11 @@ loss (``loss_fn(outputs, labels)``), divided by the number of micro-batches
 (and multiplied by the fp16 loss scale) before its backward.
 
 The backward comes whole (``B``) or split (``I`` then ``W``): the input-gradient
-pass differentiates towards the stage's inputs, with the weight-gradient work
-of routed layers left in a :class:`~stagewise.split_backward.WeightGradStore`
-that the weight pass runs.
+pass differentiates towards the stage's inputs only and leaves every
+parameter's gradient to the weight pass (:mod:`stagewise.backward.split`, for
+any layer type, under autocast and activation checkpointing); plain linear
+layers in fp32 leave theirs in a :class:`~stagewise.backward.linear.WeightGradStore`
+instead, which accumulates them in one GEMM.
 
 Failures name their culprit: a data iterator that runs out says at which
 micro-batch of which step; a layer that cannot take what the previous stage
@@ -25,12 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from stagewise.backward.linear import DeferredLinear, WeightGradStore
+from stagewise.backward.recompute import keeping_recomputed
+from stagewise.backward.split import input_pass
 from stagewise.engine.state import BatchState, Key, as_tuple, to_device
 from stagewise.errors import PipelineError
 from stagewise.module import PipelineModule
 from stagewise.schedule import BufferOpInstruction
 from stagewise.schedule.routes import ChunkRoutes
-from stagewise.split_backward import WeightGradStore
 
 __all__ = ["StageExecutor"]
 
@@ -72,6 +76,8 @@ class StageExecutor:
         loss_scale: the factor of the loss before its backward, besides
             ``1 / micro_batches`` (the fp16 loss scale, else 1).
         weight_store: where routed layers leave their weight-gradient work.
+        splits_backward: whether the schedule splits the backward (``I`` and ``W``):
+            forwards then keep checkpointed activations for both passes.
     """
 
     def __init__(
@@ -82,6 +88,7 @@ class StageExecutor:
         autocast: Callable[[], contextlib.AbstractContextManager[Any]],
         loss_scale: Callable[[], float],
         weight_store: WeightGradStore,
+        splits_backward: bool = False,
     ) -> None:
         self.module = module
         self.routes = routes
@@ -90,6 +97,9 @@ class StageExecutor:
         self.loss_scale = loss_scale
         self.weight_store = weight_store
         self._holds_both_ends = any(r.first for r in routes) and any(r.last for r in routes)
+        self.splits_backward = splits_backward
+        self._param_ids = frozenset(id(p) for p in module.parameters() if p.requires_grad)
+        self._self_handled = frozenset({DeferredLinear}) if weight_store.enabled else frozenset()
 
     # -- data ---------------------------------------------------------------------------
     def load(self, instr: BufferOpInstruction, batch: BatchState) -> None:
@@ -141,7 +151,7 @@ class StageExecutor:
                 "schedule is wrong"
             )
         x: Any = inputs[0] if len(inputs) == 1 else inputs
-        with self.autocast():
+        with self.autocast(), keeping_recomputed(self.splits_backward and mode.training):
             try:
                 outputs = self.module(x, chunk_id=instr.chunk_id)
             except RuntimeError as exc:
@@ -218,10 +228,12 @@ class StageExecutor:
             return []
         return [t for t in batch.inputs[key] if t.is_floating_point()]
 
-    def _keep_input_grads(self, key: Key, batch: BatchState) -> None:
+    def _keep_input_grads(
+        self, key: Key, batch: BatchState, grads: list[torch.Tensor | None]
+    ) -> None:
         inputs = self._grad_inputs(key, batch)
         batch.input_grads[key] = [
-            t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs
+            g if g is not None else torch.zeros_like(t) for g, t in zip(grads, inputs, strict=True)
         ]
         batch.inputs.pop(key, None)
 
@@ -231,17 +243,25 @@ class StageExecutor:
         roots, root_grads = self._roots(key, batch)
         if roots:
             torch.autograd.backward(roots, root_grads or None)
-        self._keep_input_grads(key, batch)
+        self._keep_input_grads(key, batch, [t.grad for t in self._grad_inputs(key, batch)])
 
     def backward_input(self, instr: BufferOpInstruction, batch: BatchState) -> None:
-        """The backward with routed layers' weight gradients left for ``W``."""
+        """The input gradients of one micro-batch; its parameters' wait for ``W``."""
         key = _key(instr)
         roots, root_grads = self._roots(key, batch)
+        inputs = self._grad_inputs(key, batch)
+        grads: list[torch.Tensor | None] = [None] * len(inputs)
         if roots:
             with self.weight_store.capturing(key):
-                torch.autograd.backward(roots, root_grads or None)
-        self._keep_input_grads(key, batch)
+                grads, batch.weight_passes[key] = input_pass(
+                    roots, root_grads, inputs, self._param_ids, self._self_handled
+                )
+        self._keep_input_grads(key, batch, grads)
 
     def backward_weight(self, instr: BufferOpInstruction, batch: BatchState) -> None:
-        """The weight gradients deferred by one micro-batch's ``I``."""
-        self.weight_store.flush(_key(instr))
+        """The parameter gradients one micro-batch's ``I`` left."""
+        key = _key(instr)
+        self.weight_store.flush(key)
+        pending = batch.weight_passes.pop(key, None)
+        if pending is not None:
+            pending.run()

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from stagewise.backward.split import WeightPass
 from stagewise.errors import PipelineError
 
 __all__ = ["BatchState", "Key", "RunMode", "as_tuple", "read_micro_batch", "to_device"]
@@ -67,6 +68,7 @@ class BatchState:
         step: the training step this batch is (``global_steps + 1``), for messages;
             None when evaluating.
         read: micro-batches this stage has read from the data so far.
+        weight_passes: per key, the parameter gradients its ``I`` left for its ``W``.
     """
 
     mode: RunMode
@@ -81,6 +83,7 @@ class BatchState:
     logits: list[Any] = field(default_factory=list)
     step: int | None = None
     read: int = 0
+    weight_passes: dict[Key, WeightPass] = field(default_factory=dict)
 
 
 def as_tuple(value: Any) -> tuple[Any, ...]:

@@ -21,6 +21,7 @@ from stagewise.schedule.instructions import (
     RecvActivation,
     SendActivation,
 )
+from stagewise.schedule.placement import Placement
 
 __all__ = ["ChunkedInferenceSchedule"]
 
@@ -41,11 +42,10 @@ class ChunkedInferenceSchedule(PipeSchedule):
         self.layout = layout
         self.num_chunks = layout.num_chunks
 
-    def virtual_stage(self, stage_id: int, chunk_id: int) -> int:
-        return self.layout.virtual_stage(stage_id, chunk_id)
-
-    def locate(self, virtual_stage: int) -> tuple[int, int]:
-        return self.layout.locate(virtual_stage)
+    @property
+    def placement(self) -> Placement:
+        """The layout's placement."""
+        return self.layout.placement
 
     def steps(self) -> Iterator[Step]:
         last = self.num_virtual_stages - 1

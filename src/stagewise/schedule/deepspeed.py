@@ -10,28 +10,22 @@ on (``micro_batch_id``); the model is not chunked, so ``chunk_id`` is always 0.
 The schedules are written as timelines: first *when* each pass runs, then what each
 step exchanges with the neighbours. A pass's output always leaves in the step after
 the pass, which is exactly the step in which the neighbour consumes it, so a send and
-its receive share a step and a barrier between steps never deadlocks.
+its receive share a step and a barrier between steps never deadlocks. Each schedule
+lays its timeline out as arrays (:func:`~stagewise.schedule.slots.assemble`: the
+step of every instruction of a kind, and the order of the kinds within a step);
+``steps()`` makes the instruction objects from them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import ClassVar
 
-from stagewise.schedule.base import PipeSchedule, Step
-from stagewise.schedule.instructions import (
-    BackwardPass,
-    BufferOpInstruction,
-    ForwardPass,
-    LoadMicroBatch,
-    OptimizerStep,
-    RecvActivation,
-    RecvGrad,
-    ReduceGrads,
-    ReduceTiedGrads,
-    SendActivation,
-    SendGrad,
-)
+import numpy as np
+
+from stagewise.schedule.base import PipeSchedule
+from stagewise.schedule.kinds import Kind
+from stagewise.schedule.program import StageProgram
+from stagewise.schedule.slots import Slot, assemble
 
 __all__ = ["DataParallelSchedule", "InferenceSchedule", "TrainSchedule"]
 
@@ -78,45 +72,38 @@ class TrainSchedule(PipeSchedule):
         """
         return max(2, min(self.stages - self.stage_id, self.micro_batches))
 
-    def _compute_timeline(self) -> dict[int, BufferOpInstruction]:
-        """Step -> the pass this stage computes then (see the class diagram)."""
+    def build_program(self) -> StageProgram:
+        """This stage's ``2 (micro_batches + stages - 1)`` steps (see the class doc)."""
         stages, stage = self.stages, self.stage_id
-        timeline: dict[int, BufferOpInstruction] = {}
-        for mb in range(self.micro_batches):
-            buffer = self._buffer_idx(mb)
-            timeline[2 * mb + stage] = ForwardPass(buffer, mb)
-            timeline[2 * mb + 2 * stages - 1 - stage] = BackwardPass(buffer, mb)
-        return timeline
+        mb = np.arange(self.micro_batches)
+        buffer = mb % self.num_pipe_buffers()
+        forward = 2 * mb + stage  # the step of each micro-batch's forward
+        backward = 2 * mb + 2 * stages - 1 - stage  # and of its backward
+        total = 2 * (self.micro_batches + stages - 1)
+        has_prev, has_next = stage > 0, stage < stages - 1
 
-    def steps(self) -> Iterator[Step]:
-        """Yield this stage's ``2 (micro_batches + stages - 1)`` steps."""
-        timeline = self._compute_timeline()
-        has_prev = self._valid_stage(self.prev_stage)
-        has_next = self._valid_stage(self.next_stage)
-        loads = self.is_first_stage or self.is_last_stage
-        total_steps = 2 * (self.micro_batches + self.stages - 1)
-        for step in range(total_steps):
-            finished = timeline.get(step - 1)  # its output leaves in this step
-            current = timeline.get(step)
-            grads: Step = []
-            activations: Step = []
-            work: Step = []
-            if isinstance(finished, BackwardPass) and has_prev:
-                grads.append(SendGrad(finished.buffer_id, finished.micro_batch_id))
-            if isinstance(current, BackwardPass) and has_next:
-                grads.append(RecvGrad(current.buffer_id, current.micro_batch_id))
-            if isinstance(finished, ForwardPass) and has_next:
-                activations.append(SendActivation(finished.buffer_id, finished.micro_batch_id))
-            if isinstance(current, ForwardPass):
-                if has_prev:
-                    activations.append(RecvActivation(current.buffer_id, current.micro_batch_id))
-                if loads:
-                    work.append(LoadMicroBatch(current.buffer_id, current.micro_batch_id))
-            if current is not None:
-                work.append(current)
-            if step == total_steps - 1:
-                work += [ReduceTiedGrads(), ReduceGrads(), OptimizerStep()]
-            yield grads + activations + work
+        def slot(kind: Kind, steps: object) -> Slot:
+            return Slot(kind, steps, mb, buffer)
+
+        slots = []
+        if has_prev:  # the gradient of the previous step's backward leaves
+            slots.append(slot(Kind.SEND_GRAD, backward + 1))
+        if has_next:
+            slots.append(slot(Kind.RECV_GRAD, backward))
+        if has_next:  # the output of the previous step's forward leaves
+            slots.append(slot(Kind.SEND_ACTIVATION, forward + 1))
+        if has_prev:
+            slots.append(slot(Kind.RECV_ACTIVATION, forward))
+        if self.is_first_stage or self.is_last_stage:
+            slots.append(slot(Kind.LOAD, forward))
+        slots += [slot(Kind.FORWARD, forward), slot(Kind.BACKWARD, backward)]
+        last = [total - 1]
+        slots += [Slot(kind, last) for kind in _CLOSING]
+        return assemble(total, slots)
+
+
+#: what the last step of a training batch ends with, in this order.
+_CLOSING = (Kind.REDUCE_TIED, Kind.REDUCE_GRADS, Kind.OPTIMIZER_STEP)
 
 
 class InferenceSchedule(PipeSchedule):
@@ -151,28 +138,27 @@ class InferenceSchedule(PipeSchedule):
         """0 for a link leaving an even stage, 1 for a link leaving an odd one."""
         return upstream_stage % 2
 
-    def steps(self) -> Iterator[Step]:
-        """Yield this stage's ``micro_batches + stages - 1`` steps."""
-        has_prev = self._valid_stage(self.prev_stage)
-        has_next = self._valid_stage(self.next_stage)
-        loads = self.is_first_stage or self.is_last_stage
-        for step in range(self.micro_batches + self.stages - 1):
-            current = step - self.stage_id  # the micro-batch computed in this step
-            finished = current - 1  # computed in the previous step, sent on now
-            cmds: Step = []
-            if loads and self._valid_micro_batch(current):
-                cmds.append(LoadMicroBatch(self._buffer_idx(current), current))
-            exchanges: list[tuple[int, SendActivation | RecvActivation]] = []
-            if has_next and self._valid_micro_batch(finished):
-                send = SendActivation(self._buffer_idx(finished), finished)
-                exchanges.append((self._exchange_round(self.stage_id), send))
-            if has_prev and self._valid_micro_batch(current):
-                recv = RecvActivation(self._buffer_idx(current), current)
-                exchanges.append((self._exchange_round(self.prev_stage), recv))
-            cmds += [instruction for _, instruction in sorted(exchanges, key=lambda e: e[0])]
-            if self._valid_micro_batch(current):
-                cmds.append(ForwardPass(self._buffer_idx(current), current))
-            yield cmds
+    def build_program(self) -> StageProgram:
+        """This stage's ``micro_batches + stages - 1`` steps (see the class doc)."""
+        stage = self.stage_id
+        mb = np.arange(self.micro_batches)
+        buffer = mb % self.num_pipe_buffers()
+        forward = mb + stage  # the step of each micro-batch's forward
+
+        def slot(kind: Kind, steps: object) -> Slot:
+            return Slot(kind, steps, mb, buffer)
+
+        slots = []
+        if self.is_first_stage or self.is_last_stage:
+            slots.append(slot(Kind.LOAD, forward))
+        exchanges = []  # (round, slot): the link leaving stage s is in round s % 2
+        if self._valid_stage(self.next_stage):  # the previous step's output leaves
+            exchanges.append((self._exchange_round(stage), slot(Kind.SEND_ACTIVATION, forward + 1)))
+        if self._valid_stage(self.prev_stage):
+            exchanges.append((self._exchange_round(stage - 1), slot(Kind.RECV_ACTIVATION, forward)))
+        slots += [exchange for _, exchange in sorted(exchanges, key=lambda e: e[0])]
+        slots.append(slot(Kind.FORWARD, forward))
+        return assemble(self.micro_batches + self.stages - 1, slots)
 
 
 class DataParallelSchedule(PipeSchedule):
@@ -192,10 +178,11 @@ class DataParallelSchedule(PipeSchedule):
         """One buffer: each micro-batch is done before the next one is loaded."""
         return 1
 
-    def steps(self) -> Iterator[Step]:
-        """Yield one step per micro-batch."""
-        for mb in range(self.micro_batches):
-            cmds: Step = [LoadMicroBatch(0, mb), ForwardPass(0, mb), BackwardPass(0, mb)]
-            if mb == self.micro_batches - 1:
-                cmds += [ReduceGrads(), OptimizerStep()]
-            yield cmds
+    def build_program(self) -> StageProgram:
+        """One step per micro-batch, the reductions in the last."""
+        mb = np.arange(self.micro_batches)
+        zero = np.zeros_like(mb)
+        slots = [Slot(kind, mb, mb, zero) for kind in (Kind.LOAD, Kind.FORWARD, Kind.BACKWARD)]
+        last = [self.micro_batches - 1]
+        slots += [Slot(Kind.REDUCE_GRADS, last), Slot(Kind.OPTIMIZER_STEP, last)]
+        return assemble(self.micro_batches, slots)

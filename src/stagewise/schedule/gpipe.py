@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import numpy as np
 
-from stagewise.schedule.order import Pass, PassOrderSchedule
+from stagewise.schedule.kinds import Kind
+from stagewise.schedule.order import PassArrays, PassOrderSchedule
 
 __all__ = ["GPipeSchedule"]
 
@@ -25,9 +26,8 @@ class GPipeSchedule(PassOrderSchedule):
         stage 2  .  .  F0 F1 F2 F3 B0 -  B1 -  B2 -  B3 -  .  .  .  .
     """
 
-    def pass_order(self, stage_id: int) -> Iterator[Pass]:
+    def pass_arrays(self, stage_id: int) -> PassArrays:
         """All forwards of the batch, then all backwards, oldest first."""
-        for mb in range(self.micro_batches):
-            yield Pass("F", mb)
-        for mb in range(self.micro_batches):
-            yield Pass("B", mb)
+        mb = np.arange(self.micro_batches)
+        kind = np.repeat([Kind.FORWARD, Kind.BACKWARD], self.micro_batches)
+        return PassArrays(kind, np.tile(mb, 2), np.zeros(2 * self.micro_batches, np.int64))

@@ -2,7 +2,9 @@
 
 A schedule is data. Each instruction is a frozen, hashable value with a short
 text form (``repr``) that reads like a timeline cell and parses back with
-:func:`parse_instruction`:
+:func:`parse_instruction`. Each class declares its :class:`~stagewise.schedule.kinds.Kind`
+(``kind``, a class variable), which is everything the checker and the simulator
+know about it; the text form's prefix is the kind's code:
 
 ==========  =================================  ==========================
 text        class                              meaning
@@ -26,6 +28,16 @@ positional, so ``ForwardPass(0)`` works as in DeepSpeed), the ``micro_batch_id``
 they act on and the model ``chunk_id`` (virtual stage) for interleaved
 schedules. The text form shows the micro-batch and, when non-zero, the chunk
 (``F3c1``) and a buffer that differs from the micro-batch (``F3b1``).
+
+Your own instructions (the engine runs them through a handler you register) are
+classes with ``kind = Kind.CUSTOM`` and a ``code`` of their own: the checker's
+rules pass over them and the simulator costs them nothing. A class without a
+kind is an error when it is defined::
+
+    @dataclass(frozen=True, repr=False)
+    class SaveCheckpoint(PipeInstruction):
+        kind: ClassVar[Kind] = Kind.CUSTOM
+        code: ClassVar[str] = "CKPT"
 """
 
 from __future__ import annotations
@@ -33,6 +45,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import ClassVar
+
+from stagewise.schedule.kinds import Kind
 
 __all__ = [
     "BackwardInputPass",
@@ -49,15 +63,53 @@ __all__ = [
     "ReduceTiedGrads",
     "SendActivation",
     "SendGrad",
+    "instruction_class",
     "parse_instruction",
 ]
 
 
 @dataclass(frozen=True, repr=False, slots=True)
 class PipeInstruction:
-    """Base class of every instruction; subclasses set ``code``."""
+    """Base class of every instruction; a concrete subclass declares its ``kind``.
 
+    Attributes:
+        kind: what the instruction does (a class variable).
+        code: the prefix of its text form; the kind's code unless the class sets
+            one (a ``CUSTOM`` class should).
+    """
+
+    kind: ClassVar[Kind]
     code: ClassVar[str] = ""
+    #: set in the body of a base class that is never instantiated itself.
+    _abstract: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        # explicit: slots=True rebuilds the class, which breaks a bare super() here
+        super(PipeInstruction, cls).__init_subclass__(**kwargs)
+        if cls.__dict__.get("_abstract", False):
+            return
+        kind = getattr(cls, "kind", None)
+        if not isinstance(kind, Kind):
+            raise TypeError(
+                f"instruction class {cls.__name__} has no kind (got {kind!r}): declare "
+                f"'kind: ClassVar[Kind] = Kind.CUSTOM' for an instruction of your own "
+                f"(the checker and the simulator pass over it), or subclass the built-in "
+                f"instruction it behaves like"
+            )
+        base = globals().get("BufferOpInstruction")  # not yet defined for the first classes
+        buffered = base is not None and issubclass(cls, base)
+        if kind.is_buffer_op and not buffered:
+            raise TypeError(
+                f"instruction class {cls.__name__} has kind {kind.name}, which acts on a "
+                f"buffer: subclass BufferOpInstruction (buffer_id, micro_batch_id, chunk_id)"
+            )
+        if buffered and not kind.is_buffer_op and kind != Kind.CUSTOM:
+            raise TypeError(
+                f"instruction class {cls.__name__} subclasses BufferOpInstruction but has "
+                f"kind {kind.name}, which acts on no buffer: subclass PipeInstruction"
+            )
+        if "code" not in cls.__dict__:
+            cls.code = kind.code if kind.code is not None else cls.__name__
 
     @property
     def name(self) -> str:
@@ -72,21 +124,21 @@ class PipeInstruction:
 class OptimizerStep(PipeInstruction):
     """Step the optimizer (and the learning-rate scheduler)."""
 
-    code: ClassVar[str] = "OPT"
+    kind: ClassVar[Kind] = Kind.OPTIMIZER_STEP
 
 
 @dataclass(frozen=True, repr=False, slots=True)
 class ReduceGrads(PipeInstruction):
     """Average gradients over the data-parallel group."""
 
-    code: ClassVar[str] = "RDG"
+    kind: ClassVar[Kind] = Kind.REDUCE_GRADS
 
 
 @dataclass(frozen=True, repr=False, slots=True)
 class ReduceTiedGrads(PipeInstruction):
     """Sum the gradients of tied weights over the stages that share them."""
 
-    code: ClassVar[str] = "RTG"
+    kind: ClassVar[Kind] = Kind.REDUCE_TIED
 
 
 @dataclass(frozen=True, repr=False, slots=True)
@@ -96,6 +148,8 @@ class BufferOpInstruction(PipeInstruction):
     ``micro_batch_id`` defaults to ``buffer_id`` for DeepSpeed-style schedules that
     name only a buffer.
     """
+
+    _abstract: ClassVar[bool] = True
 
     buffer_id: int
     micro_batch_id: int = -1
@@ -122,67 +176,68 @@ class BufferOpInstruction(PipeInstruction):
 class LoadMicroBatch(BufferOpInstruction):
     """Read the next micro-batch: inputs on the first stage, labels on the last."""
 
-    code: ClassVar[str] = "L"
+    kind: ClassVar[Kind] = Kind.LOAD
 
 
 @dataclass(frozen=True, repr=False, slots=True)
 class ForwardPass(BufferOpInstruction):
     """Run this chunk's layers on the buffer's input (the last adds the loss)."""
 
-    code: ClassVar[str] = "F"
+    kind: ClassVar[Kind] = Kind.FORWARD
 
 
 @dataclass(frozen=True, repr=False, slots=True)
 class BackwardPass(BufferOpInstruction):
     """The whole backward of one micro-batch: input and weight gradients."""
 
-    code: ClassVar[str] = "B"
+    kind: ClassVar[Kind] = Kind.BACKWARD
 
 
 @dataclass(frozen=True, repr=False, slots=True)
 class BackwardInputPass(BufferOpInstruction):
     """The input-gradient half of a split backward (zero-bubble schedules)."""
 
-    code: ClassVar[str] = "I"
+    kind: ClassVar[Kind] = Kind.BACKWARD_INPUT
 
 
 @dataclass(frozen=True, repr=False, slots=True)
 class BackwardWeightPass(BufferOpInstruction):
     """The weight-gradient half of a split backward, run after its ``I``."""
 
-    code: ClassVar[str] = "W"
+    kind: ClassVar[Kind] = Kind.BACKWARD_WEIGHT
 
 
 @dataclass(frozen=True, repr=False, slots=True)
 class SendActivation(BufferOpInstruction):
     """Send this chunk's forward output to the next virtual stage."""
 
-    code: ClassVar[str] = "SA"
+    kind: ClassVar[Kind] = Kind.SEND_ACTIVATION
 
 
 @dataclass(frozen=True, repr=False, slots=True)
 class RecvActivation(BufferOpInstruction):
     """Receive this chunk's input from the previous virtual stage."""
 
-    code: ClassVar[str] = "RA"
+    kind: ClassVar[Kind] = Kind.RECV_ACTIVATION
 
 
 @dataclass(frozen=True, repr=False, slots=True)
 class SendGrad(BufferOpInstruction):
     """Send the gradient of this chunk's input to the previous virtual stage."""
 
-    code: ClassVar[str] = "SG"
+    kind: ClassVar[Kind] = Kind.SEND_GRAD
 
 
 @dataclass(frozen=True, repr=False, slots=True)
 class RecvGrad(BufferOpInstruction):
     """Receive the gradient of this chunk's output from the next virtual stage."""
 
-    code: ClassVar[str] = "RG"
+    kind: ClassVar[Kind] = Kind.RECV_GRAD
 
 
-_BUFFER_CLASSES: dict[str, type[BufferOpInstruction]] = {
-    cls.code: cls
+#: the built-in class of every kind but CUSTOM.
+_CLASS_OF: dict[Kind, type[PipeInstruction]] = {
+    cls.kind: cls
     for cls in (
         LoadMicroBatch,
         ForwardPass,
@@ -193,12 +248,39 @@ _BUFFER_CLASSES: dict[str, type[BufferOpInstruction]] = {
         RecvActivation,
         SendGrad,
         RecvGrad,
+        ReduceTiedGrads,
+        ReduceGrads,
+        OptimizerStep,
     )
 }
-_PLAIN_CLASSES: dict[str, type[PipeInstruction]] = {
-    cls.code: cls for cls in (OptimizerStep, ReduceGrads, ReduceTiedGrads)
+if set(_CLASS_OF) != set(Kind) - {Kind.CUSTOM}:  # pragma: no cover - a kind without a class
+    raise RuntimeError(f"kinds without a class: {sorted(set(Kind) - set(_CLASS_OF))}")
+
+_PLAIN_CODES = {
+    kind.code: kind for kind in _CLASS_OF if not kind.is_buffer_op and kind.code is not None
 }
-_TEXT = re.compile(r"^(SA|RA|SG|RG|L|F|B|I|W)(\d+)(?:c(\d+))?(?:b(\d+))?$")
+# longest codes first, so that "SA" is tried before a one-letter code
+_BUFFER_CODES = sorted(
+    (kind.code for kind in _CLASS_OF if kind.is_buffer_op and kind.code is not None),
+    key=len,
+    reverse=True,
+)
+_TEXT = re.compile(rf"^({'|'.join(_BUFFER_CODES)})(\d+)(?:c(\d+))?(?:b(\d+))?$")
+
+
+def instruction_class(kind: Kind) -> type[PipeInstruction]:
+    """The built-in instruction class of ``kind``.
+
+    Raises:
+        ValueError: ``kind`` is ``CUSTOM`` (no built-in class has it) or not a kind.
+    """
+    cls = _CLASS_OF.get(kind)
+    if cls is None:
+        raise ValueError(
+            f"no built-in instruction class has kind {kind!r}: a CUSTOM instruction is "
+            f"a class of your own"
+        )
+    return cls
 
 
 def parse_instruction(text: str) -> PipeInstruction:
@@ -210,17 +292,18 @@ def parse_instruction(text: str) -> PipeInstruction:
     0
     """
     text = text.strip()
-    if text in _PLAIN_CLASSES:
-        return _PLAIN_CLASSES[text]()
+    if text in _PLAIN_CODES:
+        return _CLASS_OF[_PLAIN_CODES[text]]()
     match = _TEXT.match(text)
     if match is None:
         raise ValueError(
             f"cannot parse instruction {text!r}: expected e.g. 'F3', 'B3c1', 'SA2b0', "
-            f"or one of {sorted(_PLAIN_CLASSES)}"
+            f"or one of {sorted(_PLAIN_CODES)}"
         )
     code, micro_batch, chunk, buffer = match.groups()
     mb = int(micro_batch)
-    return _BUFFER_CLASSES[code](
+    cls = _CLASS_OF[Kind.from_code(code)]
+    return cls(  # type: ignore[call-arg]
         buffer_id=int(buffer) if buffer is not None else mb,
         micro_batch_id=mb,
         chunk_id=int(chunk) if chunk is not None else 0,

@@ -15,9 +15,13 @@ and a little more activation memory.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from typing import ClassVar
 
-from stagewise.schedule.order import Pass, PassOrderSchedule
+import numpy as np
+
+from stagewise.schedule.kinds import Kind
+from stagewise.schedule.order import PassArrays, PassOrderSchedule
+from stagewise.schedule.program import Ints
 
 __all__ = ["InterleavedSchedule"]
 
@@ -49,16 +53,26 @@ class InterleavedSchedule(PassOrderSchedule):
     run.
     """
 
+    configurable_chunks: ClassVar[bool] = True
+    #: the chunks per stage when ``pipeline.virtual_stages`` is unset.
+    default_chunks: ClassVar[int] = 2
+
     def __init__(
         self, micro_batches: int, stages: int, stage_id: int, *, virtual_stages: int = 2
     ) -> None:
-        if not isinstance(virtual_stages, int) or virtual_stages < 1:
+        self.num_chunks = self.chunks_for(virtual_stages)
+        super().__init__(micro_batches, stages, stage_id)
+
+    @classmethod
+    def chunks_for(cls, virtual_stages: int | None, *, name: str | None = None) -> int:
+        """``virtual_stages`` chunks per stage (2 when unset), any integer >= 1."""
+        chunks = cls.default_chunks if virtual_stages is None else virtual_stages
+        if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
             raise ValueError(
                 f"virtual_stages must be an integer >= 1 (model chunks per stage), "
                 f"got {virtual_stages!r}"
             )
-        self.num_chunks = virtual_stages
-        super().__init__(micro_batches, stages, stage_id)
+        return chunks
 
     @property
     def virtual_stages(self) -> int:
@@ -70,16 +84,18 @@ class InterleavedSchedule(PassOrderSchedule):
         """``micro_batches`` rounded up to a multiple of ``stages``."""
         return -(-self.micro_batches // self.stages) * self.stages
 
-    def _table(self, backward: bool) -> list[tuple[int, int]]:
+    def _table(self, backward: bool) -> tuple[Ints, Ints]:
         """``(micro-batch, chunk)`` in the order every stage forwards (or backwards)
         them, over the padded batch: groups of ``S`` micro-batches, chunk by chunk."""
         stages, chunks = self.stages, self.num_chunks
-        order: list[tuple[int, int]] = []
-        for first in range(0, self.padded_micro_batches, stages):
-            for c in range(chunks):
-                chunk = chunks - 1 - c if backward else c
-                order.extend((mb, chunk) for mb in range(first, first + stages))
-        return order
+        groups = self.padded_micro_batches // stages
+        # (group, chunk, micro-batch within the group)
+        mb = np.arange(groups)[:, None, None] * stages + np.arange(stages)[None, None, :]
+        chunk = np.arange(chunks)[None, :, None]
+        if backward:
+            chunk = chunks - 1 - chunk
+        shape = (groups, chunks, stages)
+        return np.broadcast_to(mb, shape).reshape(-1), np.broadcast_to(chunk, shape).reshape(-1)
 
     def warmup(self, stage_id: int) -> int:
         """Forwards (of the padded batch) that ``stage_id`` runs before its first backward.
@@ -91,26 +107,30 @@ class InterleavedSchedule(PassOrderSchedule):
             return min(self.stages - 1 - stage_id, total)
         return min(2 * (self.stages - 1 - stage_id) + (self.num_chunks - 1) * self.stages, total)
 
-    def pass_order(self, stage_id: int) -> Iterator[Pass]:
+    def pass_arrays(self, stage_id: int) -> PassArrays:
         """Warm-up forwards, then one forward and one backward, then the backwards.
 
         The order is built for the padded batch, then the passes of the padding
         micro-batches (``>= micro_batches``) are left out.
         """
-        yield from (p for p in self._padded_order(stage_id) if p.micro_batch < self.micro_batches)
-
-    def _padded_order(self, stage_id: int) -> Iterator[Pass]:
-        forwards, backwards = self._table(backward=False), self._table(backward=True)
-        total, warmup = len(forwards), self.warmup(stage_id)
-        for mb, chunk in forwards[:warmup]:
-            yield Pass("F", mb, chunk)
-        for (f_mb, f_chunk), (b_mb, b_chunk) in zip(
-            forwards[warmup:], backwards[: total - warmup], strict=True
-        ):
-            yield Pass("F", f_mb, f_chunk)
-            yield Pass("B", b_mb, b_chunk)
-        for mb, chunk in backwards[total - warmup :]:
-            yield Pass("B", mb, chunk)
+        f_mb, f_chunk = self._table(backward=False)
+        b_mb, b_chunk = self._table(backward=True)
+        total, warmup = len(f_mb), self.warmup(stage_id)
+        steady = total - warmup
+        # warm-up forwards; then F, B alternating; then the remaining backwards
+        kind = np.concatenate(
+            [
+                np.full(warmup, Kind.FORWARD),
+                np.tile([Kind.FORWARD, Kind.BACKWARD], steady),
+                np.full(warmup, Kind.BACKWARD),
+            ]
+        )
+        pairs_mb = np.stack([f_mb[warmup:], b_mb[:steady]], axis=1).reshape(-1)
+        pairs_chunk = np.stack([f_chunk[warmup:], b_chunk[:steady]], axis=1).reshape(-1)
+        mb = np.concatenate([f_mb[:warmup], pairs_mb, b_mb[steady:]])
+        chunk = np.concatenate([f_chunk[:warmup], pairs_chunk, b_chunk[steady:]])
+        real = mb < self.micro_batches
+        return PassArrays(kind[real], mb[real], chunk[real])
 
     def __repr__(self) -> str:
         return (

@@ -7,33 +7,52 @@
   ``virtual_stages`` chunks per stage (default 2, ``pipeline.virtual_stages``);
 * ``"zb-h1"``: :class:`~stagewise.schedule.zero_bubble.ZeroBubbleH1Schedule`;
 * ``"zbv"``: :class:`~stagewise.schedule.zero_bubble.ZBVSchedule`, 2 chunks per
-  stage in a V.
+  stage in a V;
+* ``"zb-h2"``: :class:`~stagewise.schedule.zero_bubble.ZeroBubbleH2Schedule`, no
+  idle time inside the batch for ``2S - 1`` micro-batches held per stage;
+* ``"dualpipev"``: :class:`~stagewise.schedule.dualpipe.DualPipeVSchedule`, 2 chunks
+  per stage in a V, at least ``2 × stages`` micro-batches.
 
-Names are case-insensitive and ``_`` may stand for ``-``.
+Every schedule accepts any number of micro-batches except ``"dualpipev"``, which
+needs ``2 × stages`` or more (an error names the count to use).
+
+Names are case-insensitive and ``_`` may stand for ``-``. Each schedule class says
+itself how many chunks it runs and how they are placed
+(:meth:`~stagewise.schedule.base.PipeSchedule.placement_for`); :func:`schedule_layout` reads
+it for a name, so the engine and the module agree on one
+:class:`~stagewise.schedule.placement.Placement`.
 
 >>> make_schedule("zbv", micro_batches=8, stages=4, stage_id=0).num_chunks
 2
 >>> get_schedule_class("1F1B").__name__
 'TrainSchedule'
+>>> schedule_layout("zbv", None, 4)
+Placement(stages=4, chunks=2, kind=<PlacementKind.V: 'v'>)
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import Any, cast
 
 from stagewise.schedule.base import PipeSchedule
 from stagewise.schedule.check import ScheduleFactory
 from stagewise.schedule.deepspeed import TrainSchedule
+from stagewise.schedule.dualpipe import DualPipeVSchedule
 from stagewise.schedule.gpipe import GPipeSchedule
 from stagewise.schedule.interleaved import InterleavedSchedule
-from stagewise.schedule.zero_bubble import ZBVSchedule, ZeroBubbleH1Schedule
+from stagewise.schedule.placement import Placement
+from stagewise.schedule.zero_bubble import ZBVSchedule, ZeroBubbleH1Schedule, ZeroBubbleH2Schedule
 
 __all__ = [
     "DEFAULT_SCHEDULE",
     "SCHEDULES",
+    "ScheduleChoice",
     "get_schedule_class",
     "make_schedule",
     "schedule_factory",
+    "schedule_layout",
     "schedule_names",
 ]
 
@@ -47,10 +66,9 @@ SCHEDULES: dict[str, type[PipeSchedule]] = {
     "interleaved": InterleavedSchedule,
     "zb-h1": ZeroBubbleH1Schedule,
     "zbv": ZBVSchedule,
+    "zb-h2": ZeroBubbleH2Schedule,
+    "dualpipev": DualPipeVSchedule,
 }
-
-#: chunks per stage of the schedules whose count is fixed.
-_FIXED_CHUNKS = {"1f1b": 1, "gpipe": 1, "zb-h1": 1, "zbv": 2}
 
 
 def schedule_names() -> list[str]:
@@ -81,12 +99,31 @@ def get_schedule_class(name: str) -> type[PipeSchedule]:
     return SCHEDULES[_canonical(name)]
 
 
+def schedule_layout(name: str, virtual_stages: int | None, stages: int) -> Placement:
+    """The placement schedule ``name`` needs: chunks per stage and their layout.
+
+    ``virtual_stages`` is the config's ``pipeline.virtual_stages`` (None when
+    unset). The engine builds the schedule's placement from this, and a
+    ``PipelineModule`` for it is ``PipelineModule(..., virtual_stages=p.chunks,
+    placement=p.kind.value)``.
+
+    >>> p = schedule_layout("interleaved", 3, 4)
+    >>> p.chunks, p.kind.value
+    (3, 'loop')
+
+    Raises:
+        ValueError: an unknown name, or a ``virtual_stages`` the schedule cannot run.
+    """
+    key = _canonical(name)
+    return SCHEDULES[key].placement_for(stages, virtual_stages, name=key)
+
+
 def schedule_factory(name: str, virtual_stages: int | None = None) -> ScheduleFactory:
     """A callable ``(micro_batches, stages, stage_id) -> PipeSchedule`` for ``name``.
 
     ``virtual_stages`` sets the chunks per stage of ``"interleaved"`` (default 2);
     for the other schedules it may only repeat their fixed count (1, or 2 for
-    ``"zbv"``). The factory is what :func:`~stagewise.schedule.check.check_schedule`
+    ``"zbv"`` and ``"dualpipev"``). The factory is what :func:`~stagewise.schedule.check.check_schedule`
     and :func:`~stagewise.schedule.simulate.simulate` take.
 
     Raises:
@@ -94,22 +131,46 @@ def schedule_factory(name: str, virtual_stages: int | None = None) -> ScheduleFa
     """
     key = _canonical(name)
     cls = SCHEDULES[key]
-    if key == "interleaved":
-        chunks = 2 if virtual_stages is None else virtual_stages
-        if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
-            raise ValueError(
-                f"virtual_stages must be an integer >= 1 for the interleaved schedule, "
-                f"got {virtual_stages!r}"
-            )
-        return functools.partial(InterleavedSchedule, virtual_stages=chunks)
-    fixed = _FIXED_CHUNKS[key]
-    if virtual_stages is not None and virtual_stages != fixed:
-        raise ValueError(
-            f"schedule {key!r} runs {fixed} chunk(s) per stage, got virtual_stages="
-            f"{virtual_stages}: leave virtual_stages unset, or use 'interleaved' to "
-            f"choose the number of chunks"
-        )
+    chunks = cls.chunks_for(virtual_stages, name=key)
+    if cls.configurable_chunks:
+        return functools.partial(cast(Any, cls), virtual_stages=chunks)
     return cls
+
+
+@dataclass(frozen=True)
+class ScheduleChoice:
+    """A training schedule chosen by name with its chunk count, checked once.
+
+    What the config's ``pipeline.schedule`` and ``pipeline.virtual_stages`` say, as a
+    value: build it with :meth:`parse`, which raises for an unknown name or a chunk
+    count the schedule cannot run.
+
+    >>> choice = ScheduleChoice.parse("ZB_H1")
+    >>> choice.name, choice.layout(4).chunks
+    ('zb-h1', 1)
+    """
+
+    name: str
+    virtual_stages: int | None = None
+
+    @classmethod
+    def parse(cls, name: str, virtual_stages: int | None = None) -> ScheduleChoice:
+        """Check ``name`` (any case, ``_`` for ``-``) and ``virtual_stages`` against the registry.
+
+        Raises:
+            ValueError: an unknown name, or a ``virtual_stages`` the schedule cannot run.
+        """
+        key = _canonical(name)
+        SCHEDULES[key].chunks_for(virtual_stages, name=key)
+        return cls(key, virtual_stages)
+
+    def factory(self) -> ScheduleFactory:
+        """``(micro_batches, stages, stage_id) -> PipeSchedule`` (:func:`schedule_factory`)."""
+        return schedule_factory(self.name, self.virtual_stages)
+
+    def layout(self, stages: int) -> Placement:
+        """The placement of the model chunks on ``stages`` stages (:func:`schedule_layout`)."""
+        return schedule_layout(self.name, self.virtual_stages, stages)
 
 
 def make_schedule(

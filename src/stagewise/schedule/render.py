@@ -1,8 +1,8 @@
 """Timelines: the events of a (simulated or recorded) batch, drawn or traced.
 
-A timeline is a list of :class:`TimelineEvent` ``(rank, name, start, end)``: which
-pipeline stage ran which instruction (its short text, ``"F3"``, ``"I2c1"``) from when
-to when. :func:`~stagewise.schedule.simulate.simulate` produces them in cost units;
+A timeline is a list of :class:`TimelineEvent` ``(rank, name, start, end, kind)``:
+which pipeline stage ran which instruction (its short text, ``"F3"``, ``"I2c1"``,
+and its :class:`~stagewise.schedule.kinds.Kind`) from when to when. :func:`~stagewise.schedule.simulate.simulate` produces them in cost units;
 the engine records real ones in seconds. Two ways out:
 
 * :func:`render_timeline` draws a PNG, one row per stage, forward, input-gradient,
@@ -25,9 +25,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any
+
+from stagewise.schedule.kinds import Kind
 
 __all__ = [
     "TimelineEvent",
@@ -39,20 +41,26 @@ __all__ = [
 
 _NAME = re.compile(r"^([A-Z]+)(\d+)?(?:c(\d+))?")
 
-#: fill colour per instruction code; chunk 1 and later draw darker shades.
-_COLOURS: dict[str, tuple[str, ...]] = {
-    "F": ("#8ecae6", "#3a86c8", "#1d4e89"),
-    "B": ("#c8a2e0", "#9b5fc0", "#6a3d9a"),
-    "I": ("#ffb870", "#f08a24", "#b85c00"),
-    "W": ("#9ad99a", "#4caf50", "#2e7d32"),
+#: fill colour per compute kind (the boxes drawn); chunk 1 and later draw darker shades.
+_COLOURS: dict[Kind, tuple[str, ...]] = {
+    Kind.FORWARD: ("#8ecae6", "#3a86c8", "#1d4e89"),
+    Kind.BACKWARD: ("#c8a2e0", "#9b5fc0", "#6a3d9a"),
+    Kind.BACKWARD_INPUT: ("#ffb870", "#f08a24", "#b85c00"),
+    Kind.BACKWARD_WEIGHT: ("#9ad99a", "#4caf50", "#2e7d32"),
 }
-_LABELS = {
-    "F": "forward",
-    "B": "backward (whole)",
-    "I": "backward, input gradient",
-    "W": "backward, weight gradient",
-}
-_OTHER_COLOUR = "#bdbdbd"
+if set(_COLOURS) != {kind for kind in Kind if kind.is_compute}:  # pragma: no cover
+    raise RuntimeError("every compute kind needs its colours in render._COLOURS")
+
+
+def _kind_of_name(name: str) -> Kind:
+    """The kind an instruction's text names (``CUSTOM`` for a code no built-in kind has)."""
+    match = _NAME.match(name)
+    if match is None:
+        return Kind.CUSTOM
+    try:
+        return Kind.from_code(match.group(1))
+    except ValueError:
+        return Kind.CUSTOM
 
 
 @dataclass(frozen=True)
@@ -64,12 +72,16 @@ class TimelineEvent:
         name: the instruction's text form, e.g. ``"F3"``, ``"I2c1"``, ``"RA0"``.
         start: when it started (cost units in a simulation, seconds when recorded).
         end: when it ended, ``>= start``.
+        kind: the instruction's :class:`~stagewise.schedule.kinds.Kind`; when not
+            given (or ``CUSTOM``), read from the name's code, which leaves ``CUSTOM``
+            for a code no built-in kind has.
     """
 
     rank: int
     name: str
     start: float
     end: float
+    kind: Kind = field(default=Kind.CUSTOM, compare=False)
 
     def __post_init__(self) -> None:
         if self.end < self.start:
@@ -77,6 +89,8 @@ class TimelineEvent:
                 f"TimelineEvent {self.name!r} on rank {self.rank} ends before it starts "
                 f"(start: {self.start}, end: {self.end})"
             )
+        if self.kind == Kind.CUSTOM:
+            object.__setattr__(self, "kind", _kind_of_name(self.name))
 
     @property
     def duration(self) -> float:
@@ -84,8 +98,10 @@ class TimelineEvent:
         return self.end - self.start
 
     @property
-    def kind(self) -> str:
-        """The instruction code: ``"F"`` for ``"F3c1"``, ``"RA"`` for ``"RA0"``."""
+    def code(self) -> str:
+        """The instruction's code: ``"F"`` for ``"F3c1"``, ``"RA"`` for ``"RA0"``."""
+        if self.kind.code is not None:
+            return self.kind.code
         match = _NAME.match(self.name)
         return match.group(1) if match else self.name
 
@@ -122,7 +138,7 @@ def format_timeline(
     stage 0  F0 .
     stage 1  .  F0
     """
-    boxes = [event for event in events if event.kind in _COLOURS]
+    boxes = [event for event in events if event.kind.is_compute]
     rows = stages if stages is not None else 1 + max((e.rank for e in events), default=-1)
     if unit is None:
         unit = min((e.duration for e in boxes if e.duration > 0), default=1.0)
@@ -134,7 +150,7 @@ def format_timeline(
     for event in boxes:
         first = round(event.start / unit)
         last = round(event.end / unit)
-        label = f"{event.kind}{event.micro_batch if event.micro_batch is not None else ''}"
+        label = f"{event.code}{event.micro_batch if event.micro_batch is not None else ''}"
         grid[event.rank][first] = label + chunk_mark * event.chunk
         for column in range(first + 1, last):
             grid[event.rank][column] = "-"
@@ -165,7 +181,7 @@ def chrome_trace(events: Iterable[TimelineEvent], *, unit_us: float = 1e6) -> di
         trace.append(
             {
                 "name": event.name,
-                "cat": event.kind,
+                "cat": event.code,
                 "ph": "X",
                 "ts": event.start * unit_us,
                 "dur": event.duration * unit_us,
@@ -242,7 +258,7 @@ def render_timeline(
             "(or pip install matplotlib)"
         ) from error
 
-    boxes = [event for event in events if event.kind in _COLOURS]
+    boxes = [event for event in events if event.kind.is_compute]
     rows = stages if stages is not None else 1 + max((e.rank for e in events), default=-1)
     rows = max(rows, 1)
     end = max((e.end for e in events), default=1.0) or 1.0
@@ -285,16 +301,13 @@ def render_timeline(
             axes.set_title(title, loc="left", fontsize=10)
         present = sorted(
             {(e.kind, min(e.chunk, 2)) for e in boxes},
-            key=lambda kc: (
-                list(_COLOURS).index(kc[0]),
-                kc[1],
-            ),
+            key=lambda kc: (int(kc[0]), kc[1]),
         )
         chunked = any(chunk for _, chunk in present)
         handles = [
             Patch(
                 facecolor=_COLOURS[kind][chunk],
-                label=_LABELS[kind] + (f", chunk {chunk}" if chunked else ""),
+                label=kind.description + (f", chunk {chunk}" if chunked else ""),
             )
             for kind, chunk in present
         ]

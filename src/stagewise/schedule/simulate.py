@@ -1,86 +1,80 @@
-"""Simulate a schedule under a cost model: makespan, bubble, peak activations.
+"""Simulate a schedule under a cost model: makespan, bubble, peak activations and bytes.
 
 The model, which the engine's real behaviour approximates:
 
 * each stage runs its instructions in order, one at a time;
-* a forward costs ``forward``, an input-gradient pass ``backward_input``, a
-  weight-gradient pass ``backward_weight``, and a whole backward both. The costs
-  are for one micro-batch through a stage's whole share of the model: a schedule
-  with ``k`` chunks per stage (interleaved, V-shaped) runs each chunk's pass in
-  ``1/k`` of them, so makespans compare across schedules;
-* a send is asynchronous: the stage goes on at once, and the message arrives
-  ``send`` later;
+* a forward, an input-gradient pass and a weight-gradient pass cost what
+  :class:`~stagewise.schedule.costs.Costs` says for their *virtual stage* (a whole
+  backward both halves): one number for every stage's whole share (each of ``k``
+  chunks per stage takes ``1/k`` of it, so makespans compare across schedules), or
+  one time per virtual stage when the stages' layers differ;
+* a send is asynchronous: the stage goes on at once, and the message arrives the
+  ``send`` time of the boundary it crosses later (one number, or one per boundary
+  ``v -> v + 1``, used by the activation going down and the gradient coming back;
+  :meth:`~stagewise.schedule.costs.Costs.transfer_times` turns bytes, bandwidth and
+  latency into them);
 * a receive blocks until its message has arrived; between two stages messages are
   taken in the order they were sent (as the checker requires);
-* loads, reductions and the optimizer step take no time.
+* loads, reductions, the optimizer step and ``CUSTOM`` instructions take no time,
+  and the simulator does not wait at collectives (:func:`sim_op` decides each kind).
 
-Results: the *makespan* (when the last stage finishes), the *bubble fraction*
-(the stages' idle time over ``stages × makespan``), the *peak activations* of each
-stage (the most micro-batches it holds at once: forwarded on a chunk, whose
-backward on that chunk, ``B`` or the ``W`` of a split one, has not finished;
-counted once per chunk and micro-batch) and a :class:`TimelineEvent` per compute
-pass for :func:`~stagewise.schedule.render.render_timeline`.
+Results (:class:`SimResult`): the *makespan* (when the last stage finishes), the
+*bubble fraction* (the stages' idle time over ``stages × makespan``), the *peak
+activations* of each stage (the most micro-batches it holds at once: forwarded on a
+chunk, whose backward on that chunk, ``B`` or the ``W`` of a split one, has not
+finished; counted once per chunk and micro-batch), with ``memory=`` an
+:class:`~stagewise.schedule.costs.ActivationMemory` the *peak activation bytes* of
+each stage (bytes per micro-batch and virtual stage; with activation checkpointing
+only each virtual stage's input is kept, and the backward recomputes the rest: the
+accounting is spelled out in :mod:`~stagewise.schedule.costs`), and a
+:class:`TimelineEvent` per compute pass for
+:func:`~stagewise.schedule.render.render_timeline`.
 
 With integer costs every time is an integer, so the bubble fraction is the exact
 ratio rounded once: 1F1B's is ``(S - 1) / (M + S - 1)`` to the last bit.
 
-The simulation is event-driven and linear in the number of instructions: a stage
-runs until a receive finds nothing on its link, and is woken by the send that fills
-it. 256 stages × 2048 micro-batches of 1F1B (three million instructions) take a few
-seconds.
+How: the schedule is held as arrays (:mod:`~stagewise.schedule.program`), cut into
+blocks at every receive, and the blocks' start times are computed over the
+dependency graph's levels (:mod:`~stagewise.schedule.deps`): a block starts when
+its stage's previous block has finished and its message has arrived. 256 stages ×
+2048 micro-batches of 1F1B are simulated in a fraction of a second, and a checked
+program is not layered again; a planner changing only the costs pays only for the
+sweep.
 
 >>> from stagewise.schedule.deepspeed import TrainSchedule
 >>> result = simulate(TrainSchedule, micro_batches=8, stages=4)
 >>> result.makespan, result.bubble_fraction == 3 / 11, result.peak_activations
-(33, True, [4, 3, 2, 1])
+(33.0, True, [4, 3, 2, 1])
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from stagewise.schedule.base import PipeSchedule, gc_paused
-from stagewise.schedule.check import Position, ScheduleError, ScheduleFactory
+import numpy as np
+
+from stagewise.schedule.base import PipeSchedule
+from stagewise.schedule.build import schedule_program
+from stagewise.schedule.check import ScheduleFactory
+from stagewise.schedule.costs import (
+    OP_OF,
+    ActivationMemory,
+    Costs,
+    Floats,
+    peak_activation_bytes,
+    sim_op,
+)
+from stagewise.schedule.frame import frame_of, sweep
 from stagewise.schedule.instructions import PipeInstruction
+from stagewise.schedule.kinds import Kind
+from stagewise.schedule.placement import Placement
+from stagewise.schedule.program import Ints, NotAnInstruction, Program
 from stagewise.schedule.render import TimelineEvent
 
-__all__ = ["Costs", "SimResult", "simulate"]
-
-
-@dataclass(frozen=True)
-class Costs:
-    """Time per pass and per transfer, in any one unit.
-
-    The costs are for one micro-batch through one stage's whole share of the model;
-    with ``k`` chunks per stage each chunk's pass takes ``1/k`` of them.
-
-    Attributes:
-        forward: one forward (``F``) of one micro-batch.
-        backward_input: the input-gradient half (``I``) of a backward.
-        backward_weight: the weight-gradient half (``W``); a whole backward (``B``)
-            costs ``backward_input + backward_weight``.
-        send: from a send's start to its message's arrival (latency + transfer).
-    """
-
-    forward: float = 1
-    backward_input: float = 1
-    backward_weight: float = 1
-    send: float = 0
-
-    def __post_init__(self) -> None:
-        for name in ("forward", "backward_input", "backward_weight", "send"):
-            value = getattr(self, name)
-            if not value >= 0 or value == float("inf"):
-                raise ValueError(f"Costs.{name} must be a finite number >= 0, got {value!r}")
-
-    @property
-    def backward(self) -> float:
-        """A whole backward: ``backward_input + backward_weight``."""
-        return self.backward_input + self.backward_weight
+__all__ = ["ActivationMemory", "Costs", "SimResult", "sim_op", "simulate"]
 
 
 @dataclass(frozen=True)
@@ -97,8 +91,9 @@ class SimResult:
             ``1 / num_chunks``), comparable across schedules with different chunking.
         busy: per stage, the time spent computing.
         costs: the cost model used.
-        chunks: model chunks per stage; each chunk's pass took ``1 / chunks`` of
-            the costs.
+        chunks: model chunks per stage.
+        peak_activation_bytes: per stage, the most activation bytes live at once
+            (with ``memory=``; None without).
         events: one :class:`TimelineEvent` per compute pass (``F``, ``B``, ``I``,
             ``W``), stage by stage, each stage's in the order it ran them (empty
             when simulated with ``record_events=False``).
@@ -111,20 +106,27 @@ class SimResult:
     busy: list[float]
     costs: Costs
     chunks: int = 1
-    _starts: list[list[tuple[PipeInstruction, float]]] = field(
-        default_factory=list, repr=False, compare=False
-    )
+    peak_activation_bytes: list[float] | None = None
+    _program: Program | None = field(default=None, repr=False, compare=False)
+    _timeline: tuple[Ints, Floats, Floats] | None = field(default=None, repr=False, compare=False)
 
     @cached_property
     def events(self) -> list[TimelineEvent]:
         """The timeline, built on first use from the recorded start times."""
-        cost = dict(zip("FBIW", _pass_costs(self.costs, self.chunks), strict=True))
-        with gc_paused():
-            return [
-                TimelineEvent(stage, repr(ins), start, start + cost[ins.code])
-                for stage, row in enumerate(self._starts)
-                for ins, start in row
-            ]
+        if self._program is None or self._timeline is None:
+            return []
+        rows, starts, costs = self._timeline
+        program, offsets = self._program, self._program.offsets
+        stage_of = program.stage_of_row[rows]
+        kinds = program.concat("kind")[rows]
+        events = []
+        for row, stage, kind, start, cost in zip(
+            rows.tolist(), stage_of.tolist(), kinds.tolist(), starts.tolist(), costs.tolist(),
+            strict=True,
+        ):  # fmt: skip
+            name = program.stages[stage].text(row - int(offsets[stage]))
+            events.append(TimelineEvent(stage, name, start, start + cost, Kind(kind)))
+        return events
 
     @property
     def stages(self) -> int:
@@ -139,59 +141,27 @@ class SimResult:
             "peak_activations": list(self.peak_activations),
             "peak_memory": list(self.peak_memory),
             "busy": list(self.busy),
-            "costs": {
-                "forward": self.costs.forward,
-                "backward_input": self.costs.backward_input,
-                "backward_weight": self.costs.backward_weight,
-                "send": self.costs.send,
-            },
+            "costs": self.costs.to_dict(),
         }
+        if self.peak_activation_bytes is not None:
+            out["peak_activation_bytes"] = list(self.peak_activation_bytes)
         if events:
             out["events"] = [[e.rank, e.name, e.start, e.end] for e in self.events]
         return out
 
 
-def _pass_costs(costs: Costs, chunks: int) -> list[float]:
-    """Cost of ``F``, ``B``, ``I``, ``W`` on one chunk: the stage's share over ``chunks``."""
-    whole = [costs.forward, costs.backward, costs.backward_input, costs.backward_weight]
-    return whole if chunks == 1 else [cost / chunks for cost in whole]
-
-
-_BACKWARD = frozenset({"B", "I", "W"})
-_OPCODES = {"F": 0, "B": 1, "I": 2, "W": 3, "SA": 4, "SG": 5, "RA": 6, "RG": 7}
-
-
-def _peers(
-    stages: int, chunks: int, placement: PipeSchedule | None
-) -> tuple[list[list[int]], list[list[int]]]:
-    """Per stage and chunk: the stage of the previous and of the next virtual stage (-1: none)."""
-    total = stages * chunks
-    prev: list[list[int]] = []
-    nxt: list[list[int]] = []
-    for stage in range(stages):
-        prev_row, next_row = [], []
-        for chunk in range(chunks):
-            if placement is None:
-                virtual = chunk * stages + stage
-                prev_row.append((virtual - 1) % stages if virtual > 0 else -1)
-                next_row.append((virtual + 1) % stages if virtual < total - 1 else -1)
-            else:
-                virtual = placement.virtual_stage(stage, chunk)
-                prev_row.append(placement.locate(virtual - 1)[0] if virtual > 0 else -1)
-                next_row.append(placement.locate(virtual + 1)[0] if virtual < total - 1 else -1)
-        prev.append(prev_row)
-        nxt.append(next_row)
-    return prev, nxt
+_Table = Sequence[Sequence[Sequence[PipeInstruction]]]
 
 
 def simulate(
-    schedule: ScheduleFactory | Sequence[Sequence[Sequence[PipeInstruction]]],
+    schedule: ScheduleFactory | Program | _Table,
     costs: Costs | None = None,
     *,
     micro_batches: int | None = None,
     stages: int | None = None,
-    placement: PipeSchedule | None = None,
+    placement: Placement | PipeSchedule | None = None,
     record_events: bool = True,
+    memory: ActivationMemory | None = None,
     **kwargs: object,
 ) -> SimResult:
     """Simulate one batch of a schedule over all its stages.
@@ -199,16 +169,17 @@ def simulate(
     Args:
         schedule: a schedule class or factory, called as
             ``schedule(micro_batches, stages, stage_id, **kwargs)`` for every stage;
-            or a table ``table[stage][step]`` of instructions already built (as
-            :func:`~stagewise.schedule.check.schedule_table` returns).
+            a :class:`~stagewise.schedule.program.Program` (fastest: a checked one is
+            not layered again); or a table ``table[stage][step]`` of instructions
+            (as :func:`~stagewise.schedule.check.schedule_table` returns).
         costs: the cost model; by default every pass costs 1 and sends are free.
         micro_batches: micro-batches per batch (with a factory).
         stages: pipeline stages (with a factory).
-        placement: with a table, a schedule object whose ``num_chunks``,
-            ``virtual_stage`` and ``locate`` place the chunks; by default chunk ``c``
-            of stage ``s`` is virtual stage ``c * stages + s`` (loop placement), with
-            as many chunks as the table names.
+        placement: with a table, where the chunks are (a ``Placement``, or a schedule
+            object, whose placement is used); by default a loop placement with as
+            many chunks as the table names.
         record_events: keep one :class:`TimelineEvent` per compute pass.
+        memory: activation bytes, for ``peak_activation_bytes``.
         **kwargs: passed on to a factory (e.g. ``virtual_stages=2``).
 
     Raises:
@@ -217,31 +188,29 @@ def simulate(
         ValueError: the arguments do not fit together.
     """
     costs = costs if costs is not None else Costs()
-    with gc_paused():
-        table, placement = _resolve(schedule, micro_batches, stages, placement, kwargs)
-        return _run(table, placement, costs, record_events)
-
-
-_Table = Sequence[Sequence[Sequence[PipeInstruction]]]
+    program = _resolve(schedule, micro_batches, stages, placement, kwargs)
+    return _run(program, costs, record_events, memory)
 
 
 def _resolve(
-    schedule: ScheduleFactory | _Table,
+    schedule: ScheduleFactory | Program | _Table,
     micro_batches: int | None,
     stages: int | None,
-    placement: PipeSchedule | None,
+    placement: Placement | PipeSchedule | None,
     kwargs: dict[str, object],
-) -> tuple[_Table, PipeSchedule | None]:
-    """The table to simulate and the schedule object that places its chunks."""
+) -> Program:
+    """The program to simulate."""
+    if isinstance(schedule, Program):
+        if kwargs or micro_batches is not None or stages not in (None, schedule.num_stages):
+            raise ValueError("simulate(program, ...) takes no schedule arguments: it has them")
+        return schedule
     if callable(schedule):
         if micro_batches is None or stages is None:
             raise ValueError(
                 "simulate(factory, ...) needs micro_batches= and stages=, got "
                 f"micro_batches={micro_batches}, stages={stages}"
             )
-        schedules = [schedule(micro_batches, stages, s, **kwargs) for s in range(stages)]
-        table = [[list(step) for step in sched.steps()] for sched in schedules]
-        return table, schedules[0]
+        return schedule_program(schedule, micro_batches, stages, **kwargs)
     if kwargs or micro_batches is not None:
         raise ValueError(
             "simulate(table, ...) takes no schedule arguments (micro_batches, "
@@ -249,142 +218,90 @@ def _resolve(
         )
     if stages is not None and stages != len(schedule):
         raise ValueError(f"stages={stages} but the table has {len(schedule)} stages")
-    if placement is not None and placement.stages != len(schedule):
-        raise ValueError(
-            f"the placement has {placement.stages} stages but the table has {len(schedule)}"
-        )
-    return schedule, placement
-
-
-def _run(
-    table: _Table, placement: PipeSchedule | None, costs: Costs, record_events: bool
-) -> SimResult:
-    """The event-driven simulation itself (see the module doc)."""
-    num_stages = len(table)
-    if num_stages == 0:
+    if len(schedule) == 0:
         raise ValueError("cannot simulate a table without stages")
-    flats = [[ins for step in row for ins in step] for row in table]
-    if placement is not None:
-        chunks = placement.num_chunks
-    else:
-        chunks = 1 + max((getattr(ins, "chunk_id", 0) for flat in flats for ins in flat), default=0)
-    training = getattr(placement, "training", None)
-    if training is None:
-        training = any(ins.code in _BACKWARD for flat in flats for ins in flat)
-    prev_stage, next_stage = _peers(num_stages, chunks, placement)
-
-    # each instruction class maps to an opcode once: 0-3 compute, 4-5 send, 6-7 receive
-    opcodes: dict[type, int] = {}
-    cost_of = _pass_costs(costs, chunks)
-    send_cost = costs.send
-    pc = [0] * num_stages
-    clock: list[float] = [0] * num_stages
-    busy: list[float] = [0] * num_stages
-    held = [0] * num_stages
-    peak = [0] * num_stages
-    # (instruction, start) per compute pass; events are made from them on demand
-    starts: list[list[tuple[PipeInstruction, float]]] = [[] for _ in range(num_stages)]
-    queues: dict[tuple[int, int], deque[float]] = {}  # (src, dst) -> arrival times
-    waiting: dict[tuple[int, int], int] = {}  # (src, dst) -> the stage blocked on it
-    ready = deque(range(num_stages))
-
-    while ready:
-        stage = ready.popleft()
-        flat = flats[stage]
-        prevs, nexts = prev_stage[stage], next_stage[stage]
-        record = starts[stage].append if record_events else None
-        now, work = clock[stage], busy[stage]
-        live, top = held[stage], peak[stage]
-        done = len(flat)
-        for i in range(pc[stage], done):
-            ins = flat[i]
-            op = opcodes.get(type(ins))
-            if op is None:
-                op = opcodes[type(ins)] = _OPCODES.get(ins.code, -1)
-            if op < 0:  # loads, reductions, the optimizer step: no time
-                continue
-            if op < 4:  # compute
-                if op == 0:
-                    live += 1
-                    if live > top:
-                        top = live
-                elif op != 2:  # a B or a W ends the micro-batch's hold
-                    live -= 1
-                if record is not None:
-                    record((ins, now))
-                cost = cost_of[op]
-                now += cost
-                work += cost
-            elif op < 6:  # send: buffered, arrives send_cost later
-                chunk = ins.chunk_id  # type: ignore[attr-defined]
-                link = (stage, nexts[chunk] if op == 4 else prevs[chunk])
-                queue = queues.get(link)
-                if queue is None:
-                    queue = queues[link] = deque()
-                queue.append(now + send_cost)
-                if link in waiting:
-                    ready.append(waiting.pop(link))
-            else:  # receive: blocks until the link's next message has arrived
-                chunk = ins.chunk_id  # type: ignore[attr-defined]
-                link = (prevs[chunk] if op == 6 else nexts[chunk], stage)
-                queue = queues.get(link)
-                if not queue:
-                    waiting[link] = stage
-                    done = i
-                    break
-                arrival = queue.popleft()
-                if arrival > now:
-                    now = arrival
-        pc[stage], clock[stage], busy[stage] = done, now, work
-        held[stage], peak[stage] = live, top
-
-    stuck = [stage for stage in range(num_stages) if pc[stage] < len(flats[stage])]
-    if stuck:
-        raise _deadlock(table, flats, pc, stuck, prev_stage, next_stage)
-    if not training:  # inference frees each micro-batch's activations after its forward
-        peak = [min(p, 1) for p in peak]
-
-    makespan = max(clock)
-    idle = num_stages * makespan - sum(busy)
-    bubble = idle / (num_stages * makespan) if makespan > 0 else 0.0
-    return SimResult(
-        makespan=makespan,
-        bubble_fraction=bubble,
-        peak_activations=peak,
-        peak_memory=[p / chunks for p in peak],
-        busy=busy,
-        costs=costs,
-        chunks=chunks,
-        _starts=starts,
+    layout = placement.placement if isinstance(placement, PipeSchedule) else placement
+    if layout is not None and layout.stages != len(schedule):
+        raise ValueError(
+            f"the placement has {layout.stages} stages but the table has {len(schedule)}"
+        )
+    try:
+        program = Program.from_table(schedule, layout or Placement(len(schedule)), 1)
+    except NotAnInstruction as error:
+        raise ValueError(f"stage {getattr(error, 'stage', 0)}: {error}") from None
+    chunks = 1 + max((int(stage.chunk.max(initial=0)) for stage in program.stages), default=0)
+    micro = 1 + max((int(stage.micro_batch.max(initial=0)) for stage in program.stages), default=0)
+    training = getattr(placement, "training", None) if isinstance(placement, PipeSchedule) else None
+    return Program(
+        program.stages,
+        layout or Placement(len(schedule), chunks),
+        micro,
+        training=training,
+        replicated=bool(getattr(placement, "replicated", False)),
     )
 
 
-def _deadlock(
-    table: _Table,
-    flats: list[list[PipeInstruction]],
-    pc: list[int],
-    stuck: list[int],
-    prev_stage: list[list[int]],
-    next_stage: list[list[int]],
-) -> ScheduleError:
-    """The error for a simulation where ``stuck`` stages wait forever."""
-    lines, marks = [], []
-    for stage in stuck:
-        ins = flats[stage][pc[stage]]
-        chunk = getattr(ins, "chunk_id", 0)
-        peer = prev_stage[stage][chunk] if ins.code == "RA" else next_stage[stage][chunk]
-        # the position of the stuck instruction in the table
-        index = pc[stage]
-        for step, row in enumerate(table[stage]):
-            if index < len(row):
-                marks.append(Position(stage, step, index))
-                lines.append(f"  stage {stage}: {ins!r} at step {step} waits for stage {peer}")
-                break
-            index -= len(row)
-    return ScheduleError(
-        "deadlock: with buffered sends and blocking receives, no stage can go on:\n"
-        + "\n".join(lines)
-        + "\nreorder the steps so that every receive's send is issued before it",
-        [[list(step) for step in row] for row in table],
-        marks,
+def _run(
+    program: Program, costs: Costs, record_events: bool, memory: ActivationMemory | None
+) -> SimResult:
+    """The simulation itself (see the module doc)."""
+    f = frame_of(program)
+    stages, chunks = program.num_stages, program.chunks
+    virtual_count = program.placement.num_virtual_stages
+    forward = costs.per_virtual_stage("forward", virtual_count, chunks)
+    grad_in = costs.per_virtual_stage("backward_input", virtual_count, chunks)
+    grad_w = costs.per_virtual_stage("backward_weight", virtual_count, chunks)
+    table = np.stack([forward, grad_in + grad_w, grad_in, grad_w])  # by SimOp value
+    cost = table[OP_OF[f.kind], f.virtual_of]
+    spent = np.empty(len(cost) + 1)  # compute time before each compute row
+    spent[0] = 0.0
+    np.cumsum(cost, out=spent[1:])
+
+    # per block: how long it runs, and when its message arrives after its source starts
+    n = f.deps.num_blocks
+    at_start = spent[f.at_start]
+    length = np.zeros(n + 1)  # the last entry: "nothing", as in sweep
+    np.subtract(at_start[1:], at_start[:-1], out=length[: n - 1])
+    length[n - 1 : n] = spent[-1] - at_start[-1:]
+    wait = np.zeros(n + 1)
+    boundary = costs.per_boundary(virtual_count)  # checked even without messages
+    if f.msg.size:
+        arrival = spent[f.at_send] - at_start[f.msg_source]
+        if boundary.size and boundary.min() == boundary.max():
+            arrival += boundary[0]  # every boundary alike: no gather
+        elif boundary.size:
+            arrival += boundary[f.crossed]
+        wait[f.msg] = arrival
+    begin = sweep(f, length, wait)
+
+    # results per stage
+    finish = np.zeros(stages)
+    finish[f.nonempty] = begin[f.last_block] + length[f.last_block]
+    busy = spent[f.segment[1:]] - spent[f.segment[:-1]]
+    makespan = float(finish.max()) if stages else 0.0
+    idle = stages * makespan - float(busy.sum())
+    bubble = idle / (stages * makespan) if makespan > 0 else 0.0
+    training = f.training
+    peaks = f.peaks
+    peak_bytes = None
+    if memory is not None:
+        made, kept = memory.tables(virtual_count, chunks)
+        peak_bytes = peak_activation_bytes(
+            f.kind, made[f.virtual_of], kept[f.virtual_of], f.segment, training
+        )
+    timeline = None
+    if record_events:
+        starts = begin[f.compute_block] + spent[:-1] - at_start[f.compute_block]
+        timeline = (f.rows, starts, cost)
+    return SimResult(
+        makespan=makespan,
+        bubble_fraction=bubble,
+        peak_activations=peaks,
+        peak_memory=[p / chunks for p in peaks],
+        busy=busy.tolist(),
+        costs=costs,
+        chunks=chunks,
+        peak_activation_bytes=peak_bytes,
+        _program=program,
+        _timeline=timeline,
     )

@@ -20,7 +20,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from stagewise.schedule.check import ScheduleError, check_table
+from stagewise.schedule.build import schedule_program
+from stagewise.schedule.check import ScheduleError, check_program
 from stagewise.schedule.registry import schedule_factory, schedule_names
 from stagewise.schedule.simulate import Costs, SimResult, simulate
 
@@ -37,7 +38,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _cost(text: str) -> float:
+def _number(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -46,6 +47,13 @@ def _cost(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
     # whole numbers stay integers, so the default costs give exact fractions
     return int(value) if value.is_integer() else value
+
+
+def _cost(text: str) -> float | tuple[float, ...]:
+    """A number, or comma-separated numbers (one per virtual stage, or per boundary)."""
+    if "," in text:
+        return tuple(_number(part) for part in text.split(","))
+    return _number(text)
 
 
 def build_parser(prog: str = "stagewise simulate") -> argparse.ArgumentParser:
@@ -74,7 +82,10 @@ def build_parser(prog: str = "stagewise simulate") -> argparse.ArgumentParser:
         help="model chunks per stage for 'interleaved' (default 2)",
     )
     costs = parser.add_argument_group(
-        "cost model", "times for one micro-batch through one stage's share of the model"
+        "cost model",
+        "times for one micro-batch through one stage's share of the model; a "
+        "comma-separated list gives one per virtual stage (for --cost-send: one per "
+        "boundary between virtual stages)",
     )
     costs.add_argument("--cost-forward", type=_cost, default=1, help="a forward (default 1)")
     costs.add_argument(
@@ -108,7 +119,7 @@ def _table(result: SimResult, header: str) -> str:
     """The human-readable report."""
     lines = [
         header,
-        f"makespan          {_number(result.makespan)}",
+        f"makespan          {_show(result.makespan)}",
         f"bubble fraction   {result.bubble_fraction:.4f} ({100 * result.bubble_fraction:.1f}%)",
         "",
         "stage  busy      idle      peak activations",
@@ -117,14 +128,14 @@ def _table(result: SimResult, header: str) -> str:
         busy = result.busy[stage]
         peak = result.peak_activations[stage]
         if result.chunks > 1:
-            memory = f"{peak} chunk(s) = {_number(result.peak_memory[stage])} stage(s)"
+            memory = f"{peak} chunk(s) = {_show(result.peak_memory[stage])} stage(s)"
         else:
             memory = str(peak)
-        lines.append(f"{stage:<6} {_number(busy):<9} {_number(result.makespan - busy):<9} {memory}")
+        lines.append(f"{stage:<6} {_show(busy):<9} {_show(result.makespan - busy):<9} {memory}")
     return "\n".join(lines)
 
 
-def _number(value: float) -> str:
+def _show(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:.4g}"
 
 
@@ -143,13 +154,10 @@ def simulate_main(argv: Sequence[str] | None = None) -> int:
             backward_weight=args.cost_backward_weight,
             send=args.cost_send,
         )
-        schedules = [
-            factory(args.micro_batches, args.stages, stage) for stage in range(args.stages)
-        ]
-        table = [[list(step) for step in schedule.steps()] for schedule in schedules]
+        program = schedule_program(factory, args.micro_batches, args.stages)
         if args.check:
-            check_table(table, schedules[0], num_buffers=[s.num_pipe_buffers() for s in schedules])
-        result = simulate(table, costs, placement=schedules[0])
+            check_program(program)
+        result = simulate(program, costs)
     except ScheduleError as error:
         print(f"stagewise simulate: the schedule is broken: {error}", file=sys.stderr)
         return 1
@@ -158,7 +166,7 @@ def simulate_main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     name = args.schedule.strip().lower()
-    chunks = schedules[0].num_chunks
+    chunks = program.chunks
     title = f"{name}: {args.stages} stage(s), {args.micro_batches} micro-batch(es)"
     if chunks > 1:
         title += f", {chunks} chunks per stage"

@@ -1,14 +1,14 @@
-"""Linear layers' weight gradients: accumulated in one GEMM, and deferred for zero-bubble.
+"""Plain linear layers' weight gradients: accumulated in one GEMM, and deferred by a store.
 
 A backward through a linear layer ``y = x W^T + b`` is two matrix products:
 ``dx = dy W`` (needed upstream at once) and ``dW = dy^T x`` (needed only by the
-optimizer). The engine routes every ``nn.Linear`` of the model through
-:class:`_DeferredLinear` (:func:`route_linear_weight_grads`): its backward computes ``dx``
-and hands the ``dW``/``db`` products to a :class:`WeightGradStore`, keyed by
-the micro-batch being differentiated. ``I`` runs the whole autograd backward
-(so every other parameter, a norm's or an embedding's, gets its gradient
-there, cheaply); ``W`` runs the stored products. The sum is the same gradient
-as one whole backward; only the order of the work changes.
+optimizer). For schedules that split the backward, in fp32, the engine routes
+every plain ``nn.Linear`` through :class:`DeferredLinear`
+(:func:`route_linear_weight_grads`): its backward computes ``dx`` and hands the
+``dW``/``db`` products to a :class:`WeightGradStore`, keyed by the micro-batch
+being differentiated; ``W`` runs the stored products. Every other parameter's
+gradient is deferred by the general mechanism of :mod:`stagewise.backward.split`,
+which leaves these layers to the store.
 
 Outside a deferring block (a whole ``BackwardPass``) the products run at once.
 Either way ``dW`` is added to ``.grad`` inside the GEMM (``grad.addmm_(dy^T, x)``)
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["WeightGradStore", "route_linear_weight_grads"]
+__all__ = ["DeferredLinear", "WeightGradStore", "route_linear_weight_grads"]
 
 
 class WeightGradStore:
@@ -108,7 +108,7 @@ def _accumulate_product(
         param.grad.add_(a.mm(b).to(param.grad.dtype))
 
 
-class _DeferredLinear(torch.autograd.Function):
+class DeferredLinear(torch.autograd.Function):
     """``F.linear`` whose weight and bias gradients go to a store."""
 
     @staticmethod
@@ -148,7 +148,7 @@ def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``nn.Linear.forward``, with the weight gradient going through the layer's store."""
     store: WeightGradStore = self.__dict__["_stagewise_grad_store"]
     if store.enabled and torch.is_grad_enabled() and self.weight.requires_grad:
-        out: torch.Tensor = _DeferredLinear.apply(x, self.weight, self.bias, store)
+        out: torch.Tensor = DeferredLinear.apply(x, self.weight, self.bias, store)
         return out
     return F.linear(x, self.weight, self.bias)
 
@@ -157,7 +157,7 @@ def route_linear_weight_grads(module: nn.Module, store: WeightGradStore) -> int:
     """Route the weight gradients of every ``nn.Linear`` in ``module`` through ``store``.
 
     Each plain ``nn.Linear`` (not a subclass, which may have its own forward) gets a
-    forward that calls :class:`_DeferredLinear` while ``store.enabled``; otherwise it
+    forward that calls :class:`DeferredLinear` while ``store.enabled``; otherwise it
     is ``F.linear`` as before. Returns how many layers were routed.
     """
     count = 0
