@@ -10,11 +10,14 @@ noting when each counter last moved. When a wait on other ranks fails,
 beats, at once (the store may be gone by then: its host may be the rank that
 failed); when none has been still that long yet (a peer that died a moment
 ago), it watches five more beats. A large job beats less often
-(``world_size / 200`` s), so the store serves about 400 reads a second.
+(``world_size / 200`` s), so the store serves about 400 reads a second. The
+thread is stopped and joined at exit, before the interpreter finalizes: a daemon
+thread coming back from a store call then would abort the process.
 """
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 from collections.abc import Callable
@@ -89,8 +92,11 @@ class Heartbeat:
         self.store.add(self._keys[self.rank], 1)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 0.0) -> None:
+        """End the thread (waiting up to ``wait_s`` seconds for it to finish)."""
         self._stop.set()
+        if wait_s > 0 and self._thread.is_alive():
+            self._thread.join(wait_s)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -139,6 +145,14 @@ _current: Heartbeat | None = None
 _names: Callable[[int], str] = lambda rank: f"rank {rank}"  # noqa: E731
 
 
+def _stop_at_exit() -> None:
+    # A daemon thread that comes back from a store call (C++) while the interpreter
+    # finalizes is ended by Python inside that C++ frame: std::terminate, "terminate
+    # called without an active exception". So the thread ends before finalization.
+    if _current is not None:
+        _current.stop(wait_s=_current.interval_s + 1.0)
+
+
 def start(
     store: Any,
     prefix: str,
@@ -150,7 +164,9 @@ def start(
     """Start this process's heartbeat (replacing an earlier one) and name ranks with
     ``describe`` in messages. A large job beats less often (``world_size / 500`` s)."""
     global _current, _names
-    if _current is not None:
+    if _current is None:
+        atexit.register(_stop_at_exit)
+    else:
         _current.stop()
     interval = interval_s if interval_s is not None else max(0.5, world_size / 200)
     beat = Heartbeat(store, prefix, rank, world_size, interval)
