@@ -8,8 +8,12 @@ and periodic asynchronous checkpoints resumed bit for bit (``resume: "auto"``).
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -192,3 +196,94 @@ def test_periodic_async_checkpoints_resume_bit_for_bit(tmp_path: Path) -> None:
         for name, value in want["state"].items():  # through an epoch boundary (step 12)
             assert torch.equal(got["state"][name], value), name
     assert sorted(os.listdir(tmp_path)) == ["global_step12", "global_step14", "latest"]
+
+
+# -- one process: the asynchronous saver, hashes, leftovers --------------------------------
+
+
+def _view(layer: torch.nn.Module) -> Any:
+    from stagewise.checkpoint import CheckpointView, LayerTable, TrainingCounters
+    from stagewise.spec import LayerSpec
+
+    return CheckpointView(
+        table=LayerTable.from_specs([LayerSpec(torch.nn.Linear, 2, 2)]),
+        layers={0: layer},
+        parts=[0, 1],
+        optimizer=None,
+        lr_scheduler=None,
+        loss_scaler=None,
+        counters=TrainingCounters(),
+        topology={"axes": ["pipe"], "dims": [1]},
+    )
+
+
+def test_async_saves_wait_for_each_other_and_copy_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stagewise.checkpoint import files
+    from stagewise.checkpoint.async_save import AsyncSaver
+    from stagewise.collectives import Collectives
+
+    slow = files.save_file
+
+    def save_slowly(obj: Any, path: str) -> str:
+        time.sleep(0.3)
+        return slow(obj, path)
+
+    monkeypatch.setattr("stagewise.checkpoint.save.save_file", save_slowly)
+    layer = torch.nn.Linear(2, 2)
+    saver = AsyncSaver(Collectives(10.0, "rank 0"))
+    for tag in ("first", "second"):
+        with torch.no_grad():
+            layer.weight.fill_(1.0 if tag == "first" else 2.0)
+        files_ = saver.capture(_view(layer), {})  # waits for the first save's write
+        saver.submit(_view(layer), str(tmp_path), tag, files_)
+        with torch.no_grad():
+            layer.weight.fill_(-5.0)  # training goes on: the copy already happened
+        assert saver.in_flight
+    assert saver.wait() == str(tmp_path / "second")
+    assert (tmp_path / "latest").read_text() == "second"
+    for tag, value in (("first", 1.0), ("second", 2.0)):
+        saved = torch.load(tmp_path / tag / "layer_00-model_states.pt", weights_only=True)
+        assert torch.equal(saved["weight"], torch.full((2, 2), value))
+
+
+def test_a_normal_exit_waits_for_the_save_in_flight(tmp_path: Path) -> None:
+    script = tmp_path / "exit_during_save.py"
+    script.write_text(
+        "import sys, time, torch\n"
+        "import stagewise.checkpoint.save as save\n"
+        "from stagewise.checkpoint.async_save import AsyncSaver\n"
+        "from stagewise.collectives import Collectives\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_resilience import _view\n"
+        "slow = save.save_file\n"
+        "save.save_file = lambda obj, path: (time.sleep(0.5), slow(obj, path))[1]\n"
+        "saver = AsyncSaver(Collectives(10.0, 'rank 0'))\n"
+        "view = _view(torch.nn.Linear(2, 2))\n"
+        f"saver.submit(view, {str(tmp_path)!r}, 'last', saver.capture(view, {{}}))\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "latest").read_text() == "last"
+    assert (tmp_path / "last" / "manifest.json").exists()
+
+
+def test_hashes_and_leftovers_of_any_tag(tmp_path: Path) -> None:
+    from stagewise.checkpoint import CheckpointError
+    from stagewise.checkpoint.files import load_file
+    from stagewise.checkpoint.save import save_checkpoint
+
+    for name in (".old_tag.tmp-0a1b2c", ".global_step3.old-77", "latest.tmp-123"):
+        (tmp_path / name).mkdir() if "tmp-0" in name else (tmp_path / name).write_text("x")
+    save_checkpoint(_view(torch.nn.Linear(2, 2)), tmp_path, tag="fresh")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "latest"]
+    manifest = json.loads((tmp_path / "fresh" / "manifest.json").read_text())
+    assert set(manifest["sha256"]) == set(manifest["files"])
+    target = tmp_path / "fresh" / "layer_00-model_states.pt"
+    assert load_file(str(target), "weights")["weight"].shape == (2, 2)
+    data = bytearray(target.read_bytes())
+    data[-30] ^= 0x01
+    target.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"does not match its content hash in manifest\.json"):
+        load_file(str(target), "weights")

@@ -36,16 +36,18 @@ STEPS, EVERY = 60, 5
 
 
 def fault_plan(seed: int) -> list[dict[str, Any]]:
-    """Three faults at distinct steps: before or in the middle of a step, or during a save."""
+    """Three faults at random distinct steps and ranks: one before a step, one in the middle
+    of one, one while writing a checkpoint (the background thread, with async saves)."""
     rng = random.Random(seed)
     plan: list[dict[str, Any]] = []
-    while len(plan) < 3:
-        point = rng.choice(["before", "mid", "save"])
-        step = rng.randrange(2, STEPS - 1)
-        if point == "save":
-            step = max(EVERY, step - step % EVERY)  # a step that saves
-        if all(abs(step - f["step"]) > 1 for f in plan):
-            plan.append({"step": step, "rank": rng.randrange(2), "point": point})
+    for point in ("before", "mid", "save"):
+        while True:
+            step = rng.randrange(2, STEPS - 1)
+            if point == "save":
+                step = max(EVERY, step - step % EVERY)  # a step that saves
+            if all(abs(step - f["step"]) > 1 for f in plan):
+                break
+        plan.append({"step": step, "rank": rng.randrange(2), "point": point})
     return sorted(plan, key=lambda f: f["step"])
 
 
