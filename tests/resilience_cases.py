@@ -123,6 +123,11 @@ def mismatch_case(rank: int, world_size: int) -> str:
     return _outcome(lambda: engine.train_batch(iter(batch(0))))
 
 
+def periodic_cases(rank: int, world_size: int, runs: list[dict[str, Any]]) -> list[Any]:
+    """Several :func:`periodic_case` runs one after the other in the same processes."""
+    return [periodic_case(rank, world_size, options) for options in runs]
+
+
 def periodic_case(rank: int, world_size: int, options: dict[str, Any]) -> dict[str, Any]:
     """Train to ``options["steps"]`` with periodic saves (and resume, per the options)."""
     module = PipelineModule(

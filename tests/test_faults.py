@@ -24,7 +24,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 SCRIPT = Path(__file__).with_name("resilient_train.py")
-TIMEOUT_S = 6.0
+TIMEOUT_S = 5.0
 VICTIM = 2  # stage 1 of replica 0: its pipeline peer is rank 0, its data-parallel peer rank 3
 SLEEPER = 1  # stage 0 of replica 1: its pipeline peer is rank 3, its data-parallel peer rank 0
 

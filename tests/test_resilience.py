@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from resilience_cases import guarded_cases, mismatch_case, periodic_case
+from resilience_cases import guarded_cases, mismatch_case, periodic_case, periodic_cases
 from stagewise import ConfigError, RepeatingLoader
 from stagewise.checkpoint.periodic import latest_complete, rotate
 from stagewise.config import Config
@@ -185,12 +185,12 @@ def test_shape_mismatch_between_stages_is_named() -> None:
 @pytest.mark.slow
 def test_periodic_async_checkpoints_resume_bit_for_bit(tmp_path: Path) -> None:
     save = {"save_dir": str(tmp_path), "every_steps": 2, "keep_last": 2, "async": True}
-    first = run_distributed(periodic_case, 2, {"steps": 7, "checkpoint": save}, timeout=150)
+    runs = [{"steps": 7, "checkpoint": save}, {"steps": 14}]  # a run cut at 7, and a whole one
+    first, whole = zip(*run_distributed(periodic_cases, 2, runs, timeout=150), strict=True)
     assert sorted(os.listdir(tmp_path)) == ["global_step4", "global_step6", "latest"]
     assert first[0]["resumed_at"] == 0
     resume = {**save, "resume": "auto"}
     again = run_distributed(periodic_case, 2, {"steps": 14, "checkpoint": resume}, timeout=150)
-    whole = run_distributed(periodic_case, 2, {"steps": 14}, timeout=150)
     for got, want in zip(again, whole, strict=True):
         assert got["resumed_at"] == 6  # the newest complete checkpoint
         for name, value in want["state"].items():  # through an epoch boundary (step 12)

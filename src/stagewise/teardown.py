@@ -60,7 +60,7 @@ def failed() -> str | None:
 
 def is_failing() -> bool:
     """Whether the process is ending because of an uncaught exception or a failed group."""
-    return bool(_state["uncaught"] or _state["failure"] is not None)
+    return _uncaught() or _state["failure"] is not None
 
 
 def _excepthook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
@@ -77,10 +77,19 @@ def _flush() -> None:
             pass
 
 
+def _uncaught() -> bool:
+    """Whether an uncaught exception ends this script (our hook saw it, or Python recorded
+    it in ``sys.last_value`` before the exit hooks, where another hook replaced ours)."""
+    if _state["uncaught"]:
+        return True
+    interactive = bool(sys.flags.interactive) or "IPython" in sys.modules
+    return not interactive and getattr(sys, "last_value", None) is not None
+
+
 def _at_exit() -> None:
     if not dist.is_initialized():
         return
-    if _state["uncaught"]:
+    if _uncaught():
         _flush()
         time.sleep(_state["linger_s"])  # the store's host: let the others read it a moment
         os._exit(1)

@@ -115,8 +115,10 @@ def _load_training_state(
         data_state = mine.get("data")
     elif view.global_rank == 0:
         logger.warning(
-            "%s was saved with topology %s, now %s: RNG states are not restored (a rank's "
-            "random stream is only meaningful on the same layout)",
+            "%s was saved with topology %s, now %s: RNG states and data-loader positions are "
+            "not restored (a rank's random stream and share of the data are only meaningful "
+            "on the same layout): stagewise's loaders start their epoch afresh, so skip the "
+            "samples already trained on yourself if that matters",
             tag_dir,
             states.get("topology"),
             view.topology,
