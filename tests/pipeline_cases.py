@@ -94,6 +94,18 @@ def gpt_specs() -> list[Any]:
     return list(gpt_layer_specs(TINY_GPT))
 
 
+def inplace_specs() -> list[Any]:
+    """Layers that modify their input in place: cut with ``[0, 1, 3, 5]`` (or ``[0, 1, 5]``),
+    every later stage starts with one."""
+    return [
+        LayerSpec(nn.Linear, 4, 16),
+        LayerSpec(nn.ReLU, inplace=True),
+        LayerSpec(nn.Linear, 16, 16),
+        LayerSpec(nn.ReLU, inplace=True),
+        LayerSpec(nn.Linear, 16, 3),
+    ]
+
+
 def bad_output_specs() -> list[Any]:
     return [LayerSpec(nn.Linear, 4, 4), lambda x: {"not": x}, LayerSpec(nn.Linear, 4, 3)]
 
@@ -103,6 +115,7 @@ SPECS: dict[str, Callable[[], list[Any]]] = {
     "multi": multi_tensor_specs,
     "gpt": gpt_specs,
     "bad_output": bad_output_specs,
+    "inplace": inplace_specs,
 }
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
@@ -110,6 +123,7 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "multi": F.cross_entropy,
     "gpt": gpt_loss,
     "bad_output": F.cross_entropy,
+    "inplace": F.cross_entropy,
 }
 
 

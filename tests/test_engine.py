@@ -164,7 +164,8 @@ def _expect_error(rank: int, world_size: int, what: str) -> str:
             )
         elif what == "unknown_key":
             module = build_pipeline(case)
-            stagewise.initialize(model=module, config={**ds_config(case), "trian_batch_size": 8})
+            config = {**ds_config(case), "trian_batch_size": 8, "strict_config": True}
+            stagewise.initialize(model=module, config=config)
         elif what == "bad_output":
             module = build_pipeline({**case, "model": "bad_output"})
             engine, *_ = stagewise.initialize(model=module, config=ds_config(case))

@@ -121,12 +121,22 @@ def test_balanced_is_exact_with_floats() -> None:
     assert heaviest(tiny, partition_balanced(tiny, 2)) == brute_force(tiny, 2)[0]
 
 
-def test_balanced_ties_follow_uniform() -> None:
+def test_balanced_equal_weights_follow_uniform() -> None:
     for n in range(0, 30):
         for num_parts in range(1, 9):
             assert partition_balanced([5] * n, num_parts) == partition_uniform(n, num_parts)
-            assert partition_balanced([0] * n, num_parts) == partition_uniform(n, num_parts)
             assert partition_balanced([0.25] * n, num_parts) == partition_uniform(n, num_parts)
+
+
+def test_balanced_all_zero_weights_as_deepspeed() -> None:
+    # Every split is optimal; DeepSpeed keeps the latest cut: one layer in each later part.
+    for n in range(0, 30):
+        for num_parts in range(1, 9):
+            got = partition_balanced([0] * n, num_parts)
+            if n <= num_parts:
+                assert got == partition_uniform(n, num_parts)
+            else:
+                assert got == [0, *range(n - num_parts + 1, n + 1)]
 
 
 def test_balanced_pins() -> None:
@@ -186,6 +196,70 @@ def test_balanced_never_heavier_than_deepspeed_live() -> None:
         assert heaviest(weights, ours) <= heaviest(weights, theirs), (weights, num_parts)
         if n <= num_parts:
             assert ours == theirs
+
+
+# --- partition_balanced: DeepSpeed's ties -------------------------------------------------------
+
+
+def check_deepspeed_tie(weights: list[Any], num_parts: int, theirs: list[int]) -> bool:
+    """Ours is DeepSpeed's split where that is optimal, else strictly lighter; True if equal."""
+    ours = partition_balanced(weights, num_parts)
+    check_shape(ours, len(weights), num_parts)
+    if heaviest(weights, theirs) == heaviest(weights, ours):
+        assert ours == theirs, (weights, num_parts, ours, theirs)
+        return True
+    assert heaviest(weights, ours) < heaviest(weights, theirs), (weights, num_parts)
+    return False
+
+
+def test_balanced_breaks_ties_as_deepspeed_golden() -> None:
+    cases = GOLDEN["partition_balanced"] + GOLDEN["partition_ties"]
+    same = [check_deepspeed_tie(c["weights"], c["num_parts"], c["deepspeed"]) for c in cases]
+    # Most of these cases tie; DeepSpeed's own split is optimal in most of them.
+    assert len(cases) == 580 and sum(same) > len(cases) // 2
+
+
+def test_the_cnn_of_deepspeeds_example_is_cut_where_deepspeed_cuts_it() -> None:
+    # torchvision's AlexNet as 22 layers: several cuts give the same heaviest stage.
+    for case in GOLDEN["partition_ties"]:
+        if len(case["weights"]) == 22 and case["num_parts"] == 2:
+            assert partition_balanced(case["weights"], 2) == case["deepspeed"] == [0, 19, 22]
+
+
+def test_balanced_breaks_ties_as_deepspeed_live() -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    ds_utils = pytest.importorskip("deepspeed.runtime.utils")
+    rng = random.Random(2024)
+    same = 0
+    for trial in range(300):
+        n = rng.randint(2, 28)
+        num_parts = rng.randint(2, min(n, 8))
+        alphabet = [[0, 1], [0, 0, 2, 9], [0, 3, 3], [0.0, 0.25, 0.75], [0, 1, 10**6]][trial % 5]
+        weights: list[Any] = [rng.choice(alphabet) for _ in range(n)]
+        theirs = [int(b) for b in ds_utils.partition_balanced(weights, num_parts)]
+        same += check_deepspeed_tie(weights, num_parts, theirs)
+    assert same > 150
+
+
+def test_deepspeed_split_is_deepspeeds_exactly_live() -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    ds_utils = pytest.importorskip("deepspeed.runtime.utils")
+    from stagewise.partition.deepspeed_split import deepspeed_split
+
+    rng = random.Random(99)
+    for _ in range(200):
+        n = rng.randint(2, 30)
+        num_parts = rng.randint(1, min(n - 1, 9))
+        weights = [rng.choice([0, 1, rng.random(), rng.randint(0, 50)]) for _ in range(n)]
+        theirs = [int(b) for b in ds_utils.partition_balanced(weights, num_parts)]
+        assert deepspeed_split(weights, num_parts) == theirs, (weights, num_parts)
+
+
+def test_deepspeed_split_gives_way_above_its_budget() -> None:
+    from stagewise.partition.deepspeed_split import BUDGET, deepspeed_split
+
+    assert 64 * (1024 - 64) ** 2 <= BUDGET < 128 * (2048 - 128) ** 2
+    assert deepspeed_split([1.0] * 2048, 128) is None
 
 
 # --- partition_balanced: errors -----------------------------------------------------------------

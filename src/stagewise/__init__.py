@@ -5,12 +5,20 @@ Move a DeepSpeed pipeline script over by changing its imports::
     import stagewise as deepspeed
     from stagewise.pipe import PipelineModule, LayerSpec, TiedLayerSpec
 
-Nothing runs on import.
+DeepSpeed's module paths have stagewise twins of the same shape, loaded with the
+package so that ``deepspeed.pipe.X`` or ``deepspeed.runtime.utils.set_random_seed``
+works after ``import stagewise as deepspeed``: ``stagewise.pipe``,
+``stagewise.runtime.pipe.{module,topology,schedule,engine}``,
+``stagewise.runtime.utils``, ``stagewise.utils``, ``stagewise.comm``,
+``stagewise.accelerator``, ``stagewise.checkpointing`` and ``stagewise.ops`` (see
+``docs/moving-from-deepspeed.md``). Nothing runs on import.
 """
 
+from stagewise import accelerator, checkpointing, comm, ops, pipe, runtime, utils
+from stagewise.accelerator import get_accelerator
 from stagewise.config import Config
 from stagewise.engine import PipelineEngine
-from stagewise.entry import init_distributed, initialize
+from stagewise.entry import add_config_arguments, init_distributed, initialize
 from stagewise.errors import (
     CheckpointError,
     ConfigError,
@@ -48,8 +56,17 @@ __all__ = [
     "RepeatingLoader",
     "TiedLayerSpec",
     "__version__",
+    "accelerator",
+    "add_config_arguments",
+    "checkpointing",
+    "comm",
+    "get_accelerator",
     "init_distributed",
     "initialize",
+    "ops",
     "partition_balanced",
     "partition_uniform",
+    "pipe",
+    "runtime",
+    "utils",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import logging
 import os
@@ -18,7 +19,7 @@ from stagewise.engine.resilience import resume_if_configured
 from stagewise.module import PipelineModule
 from stagewise.rendezvous import incarnation_store
 
-__all__ = ["init_distributed", "initialize"]
+__all__ = ["add_config_arguments", "init_distributed", "initialize"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,42 +32,88 @@ def _free_port() -> int:
 
 def init_distributed(
     dist_backend: str | None = None,
+    auto_mpi_discovery: bool = True,
+    distributed_port: int = 29500,
+    verbose: bool = True,
     timeout: datetime.timedelta = datetime.timedelta(minutes=30),
     init_method: str | None = None,
+    dist_init_required: bool | None = None,
+    config: Any = None,
+    rank: int = -1,
+    world_size: int = -1,
 ) -> None:
     """Set up the default process group (once; later calls do nothing).
 
-    Under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` set)
-    it joins that job; without them it starts a single-process group on a free port,
-    so a script also runs as plain ``python script.py``. Where torchrun's agent hosts
-    the store, which outlives ``--max-restarts``, each incarnation of the job meets
-    under a prefix of its own (:mod:`stagewise.rendezvous`), so a restarted group
-    never reads a dead one's addresses. It also installs the exit hooks of
-    :mod:`stagewise.teardown`.
+    Under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` set) it joins that
+    job; without them it starts a single-process group on a free port, so a script
+    also runs as plain ``python script.py``. The arguments are DeepSpeed's
+    (``deepspeed.init_distributed``). Where torchrun's agent hosts the store, which
+    outlives ``--max-restarts``, each incarnation of the job meets under a prefix of
+    its own (:mod:`stagewise.rendezvous`), so a restarted group never reads a dead
+    one's addresses. It also installs the exit hooks of :mod:`stagewise.teardown`.
 
     Args:
         dist_backend: ``"gloo"`` or ``"nccl"``; default NCCL when CUDA is there, else gloo.
+        auto_mpi_discovery: accepted as DeepSpeed's; MPI discovery itself is not
+            mirrored, so an ``mpirun`` launch without torchrun's variables is an error.
+        distributed_port: the master port when ``MASTER_PORT`` is not set.
+        verbose: log the process group on rank 0.
         timeout: the process group's timeout for collectives.
         init_method: a URL for ``init_process_group`` (default: the environment).
+        dist_init_required: False: never set up a group here (one must exist).
+        config: DeepSpeed passes its config here for the comms logger, which stagewise
+            does not have; a config given here is reported, not used.
+        rank, world_size: this process's rank and the world size, for an
+            ``init_method`` that needs them (``tcp://``); -1: from the environment.
+
+    Raises:
+        RuntimeError: ``dist_init_required=False`` without a process group, or an
+            MPI launch without torchrun's environment variables.
     """
     if dist.is_initialized():
         teardown.install()
         return
+    if dist_init_required is False:
+        raise RuntimeError(
+            "init_distributed(dist_init_required=False) but torch.distributed is not "
+            "initialized; call init_distributed() without it, or set up the group first"
+        )
+    if config is not None:
+        logger.warning(
+            "init_distributed(config=...) configures DeepSpeed's comms logger, which "
+            "stagewise does not have; the config is not used here"
+        )
     backend = dist_backend or ("nccl" if torch.cuda.is_available() else "gloo")
     env = os.environ
-    if init_method is None and not all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR")):
+    launched = all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
+    if not launched and rank < 0 and init_method is None and auto_mpi_discovery:
+        mpi_size = int(env.get("OMPI_COMM_WORLD_SIZE", env.get("PMI_SIZE", "1")))
+        if mpi_size > 1:
+            raise RuntimeError(
+                f"launched by MPI ({mpi_size} processes) without torchrun's RANK, "
+                "WORLD_SIZE and MASTER_ADDR; stagewise does not discover them from MPI: "
+                "launch with torchrun, or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT"
+            )
+    if rank >= 0 and world_size > 0:
+        pass
+    elif init_method is None and not launched:
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         rank, world_size = 0, 1
     else:
         rank, world_size = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+        if init_method is None and "MASTER_PORT" not in env:
+            init_method = f"tcp://{env['MASTER_ADDR']}:{distributed_port}"
     if backend == "nccl":
         local_rank = int(env.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
         torch.cuda.set_device(local_rank)
-    if init_method is None and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        agent_store = dist.TCPStore(
-            env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, False, timeout
+    agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "MASTER_PORT" in env
+    if init_method is None and agent_store:
+        store = incarnation_store(
+            dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, False, timeout),
+            rank,
+            world_size,
+            timeout.total_seconds(),
         )
-        store = incarnation_store(agent_store, rank, world_size, timeout.total_seconds())
         dist.init_process_group(
             backend, store=store, rank=rank, world_size=world_size, timeout=timeout
         )
@@ -81,8 +128,59 @@ def init_distributed(
         )
         # rank 0 hosts the store here: after a failure it lingers a second for the others
         teardown.install(linger_s=1.0 if rank == 0 and world_size > 1 else 0.0)
-    if rank == 0:
+    if rank == 0 and verbose:
         logger.info("stagewise: %s process group of %d ranks", backend, world_size)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add DeepSpeed's command-line flags to ``parser`` and return it.
+
+    ``--deepspeed_config PATH`` names the JSON config that
+    ``initialize(args=parser.parse_args())`` reads; ``--deepspeed`` is a flag for the
+    script's own use (it changes nothing here); ``--deepscale`` and
+    ``--deepscale_config`` are DeepSpeed's older spellings of the two.
+    """
+    group = parser.add_argument_group("DeepSpeed", "DeepSpeed's configuration flags")
+    group.add_argument(
+        "--deepspeed",
+        default=False,
+        action="store_true",
+        help="a flag for the script itself (stagewise always runs its engine)",
+    )
+    group.add_argument(
+        "--deepspeed_config",
+        default=None,
+        type=str,
+        help="the JSON config that initialize(args=...) reads",
+    )
+    group.add_argument(
+        "--deepscale", default=False, action="store_true", help="the old name of --deepspeed"
+    )
+    group.add_argument(
+        "--deepscale_config",
+        default=None,
+        type=str,
+        help="the old name of --deepspeed_config",
+    )
+    return parser
+
+
+def _config_source(config: Any, config_params: Any, args: Any) -> Any:
+    """The config given to ``initialize``: ``config``, ``config_params`` or the ``args``'
+    ``--deepspeed_config`` (``--deepscale_config``), as DeepSpeed takes it."""
+    if config is None:
+        config = config_params
+    from_args = None
+    if args is not None:
+        from_args = getattr(args, "deepspeed_config", None) or getattr(
+            args, "deepscale_config", None
+        )
+    if from_args is not None and config is not None:
+        raise ValueError(
+            f"initialize got a config twice: config={config!r} and "
+            f"args.deepspeed_config={from_args!r}; pass one of them"
+        )
+    return config if config is not None else from_args
 
 
 def initialize(
@@ -142,15 +240,15 @@ def initialize(
             "dist_init_required=False but torch.distributed is not initialized; call "
             "stagewise.init_distributed() first or leave dist_init_required unset"
         )
-    if config is None:
-        config = config_params
-    if config is None and args is not None:
-        config = getattr(args, "deepspeed_config", None) or getattr(args, "stagewise_config", None)
     if not dist.is_initialized():
         init_distributed()
+    parsed = Config.from_any(_config_source(config, config_params, args))
+    if dist.get_rank() == 0:
+        for notice in parsed.notices:
+            logger.warning("%s", notice)
     engine = PipelineEngine(
         module=model,
-        config=Config.from_any(config),
+        config=parsed,
         optimizer=optimizer,
         model_parameters=model_parameters,
         lr_scheduler=lr_scheduler,

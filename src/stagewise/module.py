@@ -432,11 +432,11 @@ class PipelineModule(nn.Module):
         """Take the config's ``pipeline`` section (a ``PipelineConfig``) into account.
 
         ``activation_checkpoint_interval`` overrides the module's; ``partition_method``
-        and ``seed_layers`` must agree with the module's, which already cut and built
-        the layers.
+        must agree with the module's, which already cut the layers; a ``seed_layers``
+        that differs from the module's is a warning (the layers are built already).
 
         Raises:
-            ConfigError: a key that disagrees with how the module was built.
+            ConfigError: a ``partition_method`` that disagrees with the module's.
         """
         if cfg.activation_checkpoint_interval is not None:
             self.set_checkpoint_interval(cfg.activation_checkpoint_interval)
@@ -453,11 +453,14 @@ class PipelineModule(nn.Module):
                     "key)"
                 )
         if cfg.seed_layers is not None and cfg.seed_layers != self.seed_layers:
-            raise ConfigError(
-                f"pipeline.seed_layers={cfg.seed_layers} but the PipelineModule was built with "
-                f"seed_layers={self.seed_layers}; layers are built before the engine, so "
-                "pass seed_layers to PipelineModule (or drop the key)"
-            )
+            if self.global_rank == 0:
+                logger.warning(
+                    "pipeline.seed_layers=%s is not used: the PipelineModule was built with "
+                    "seed_layers=%s (layers are built before the engine, and DeepSpeed never "
+                    "reads this key either); pass seed_layers to PipelineModule",
+                    cfg.seed_layers,
+                    self.seed_layers,
+                )
 
     def set_checkpoint_interval(self, interval: int) -> None:
         if interval < 0:

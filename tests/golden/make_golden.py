@@ -5,6 +5,8 @@ Needs DeepSpeed (0.19.8 made the committed files); run from the repository root:
     DS_ACCELERATOR=cpu .venv/bin/python tests/golden/make_golden.py
 
 The tests read these files, so they check DeepSpeed parity without DeepSpeed.
+``tests/golden/make_deepspeed_golden.py`` writes the other DeepSpeed goldens (config
+keys, optimizer defaults, the example's losses).
 """
 
 from __future__ import annotations
@@ -91,6 +93,45 @@ def balanced_cases() -> list[dict[str, Any]]:
     return cases
 
 
+#: Parameter counts of torchvision's AlexNet (22 layers as DeepSpeed's example cuts it:
+#: features, avgpool, flatten, classifier) and of DeepSpeed's CIFAR AlexNet (15 layers).
+ALEXNET_22 = [23296, 0, 0, 307392, 0, 0, 663936, 0, 884992, 0, 590080, 0, 0, 0, 0, 0,
+              37752832, 0, 0, 16781312, 0, 40970]  # fmt: skip
+ALEXNET_CIFAR = [23296, 0, 0, 307392, 0, 0, 663936, 0, 884992, 0, 590080, 0, 0, 0, 2570]
+
+
+def tie_cases() -> list[dict[str, Any]]:
+    """DeepSpeed's partition_balanced where many splits tie: zeros and repeated weights."""
+    rng = random.Random(20250101)
+    alphabets: list[list[float]] = [
+        [0, 1],
+        [0, 0, 0, 1, 2],
+        [0, 5, 5, 10],
+        [0, 0, 3, 3, 3, 7],
+        [0.0, 0.5, 1.5],
+        [1, 1, 1, 2],
+    ]
+    cases = []
+    for index in range(300):
+        n = rng.randint(2, 24)
+        parts = rng.randint(2, min(8, n))
+        alphabet = alphabets[index % len(alphabets)]
+        weights = [rng.choice(alphabet) for _ in range(n)]
+        cases.append({"weights": weights, "num_parts": parts})
+    for parts in range(2, 9):
+        cases.append({"weights": list(ALEXNET_22), "num_parts": parts})
+    for parts in range(2, 5):
+        cases.append({"weights": list(ALEXNET_CIFAR), "num_parts": parts})
+    for n in range(2, 20):
+        for parts in range(2, min(8, n) + 1):
+            cases.append({"weights": [0] * n, "num_parts": parts})
+            cases.append({"weights": [5] * n, "num_parts": parts})
+    for case in cases:
+        result = ds_utils.partition_balanced(case["weights"], case["num_parts"])
+        case["deepspeed"] = [int(b) for b in result]
+    return cases
+
+
 def main() -> None:
     topology = [topology_record(name, kwargs) for name, kwargs in TOPOLOGY_CASES]
     (HERE / "topology_deepspeed.json").write_text(
@@ -103,6 +144,7 @@ def main() -> None:
     partition = {
         "partition_uniform": uniform,
         "partition_balanced": balanced_cases(),
+        "partition_ties": tie_cases(),
     }
     (HERE / "partition_deepspeed.json").write_text(
         json.dumps(partition, separators=(",", ":")) + "\n"

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 __all__ = ["SplitPlan", "plan_split"]
 
@@ -70,7 +71,7 @@ def _leaf(node: Node) -> Any:
 
 def plan_split(
     roots: Sequence[torch.Tensor],
-    inputs: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor | GradientEdge],
     param_ids: AbstractSet[int],
     self_handled: frozenset[type] = frozenset(),
 ) -> SplitPlan:
@@ -78,14 +79,16 @@ def plan_split(
 
     Args:
         roots: the tensors the backward starts from (each with a ``grad_fn``).
-        inputs: the stage inputs whose gradients ``I`` computes (leaves or not).
+        inputs: the stage inputs whose gradients ``I`` computes (tensors, leaves or not,
+            or the :class:`~torch.autograd.graph.GradientEdge` where each one's gradient
+            arrives).
         param_ids: ``id()`` of the parameters whose gradients ``W`` computes.
         self_handled: classes of autograd Functions (``fn._forward_cls``) that defer
             their own weight gradients; their parameter edges are not split.
     """
     input_nodes = set()
-    for tensor in inputs:
-        edge = torch.autograd.graph.get_gradient_edge(tensor)
+    for item in inputs:
+        edge = item if isinstance(item, GradientEdge) else get_gradient_edge(item)
         input_nodes.add(edge.node)
     reaches_input: dict[Node, bool] = {}
     # an iterative post-order walk: the graph of a deep stage outgrows Python's recursion

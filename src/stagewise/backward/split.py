@@ -18,7 +18,7 @@ import logging
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.autograd.graph import GradientEdge
@@ -46,19 +46,10 @@ class WeightPass:
             torch.autograd.backward(edges, grads, inputs=params)
 
 
-def _whole(
-    roots: Sequence[torch.Tensor],
-    root_grads: Sequence[torch.Tensor] | None,
-    inputs: Sequence[torch.Tensor],
-) -> list[torch.Tensor | None]:
-    torch.autograd.backward(list(roots), list(root_grads) if root_grads else None)
-    return [t.grad for t in inputs]
-
-
 def input_pass(
     roots: Sequence[torch.Tensor],
     root_grads: Sequence[torch.Tensor] | None,
-    inputs: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor | GradientEdge],
     param_ids: AbstractSet[int],
     self_handled: frozenset[type] = frozenset(),
 ) -> tuple[list[torch.Tensor | None], WeightPass]:
@@ -67,8 +58,9 @@ def input_pass(
     Args:
         roots: the tensors to differentiate (the loss, or the stage's outputs).
         root_grads: their incoming gradients (None for a scalar loss).
-        inputs: the stage's inputs that want gradients (may be empty: then ``I`` has
-            nothing to do and ``W`` is the whole backward).
+        inputs: the stage's inputs that want gradients, as tensors or as the
+            :class:`~torch.autograd.graph.GradientEdge` where each one's gradient arrives
+            (may be empty: then ``I`` has nothing to do and ``W`` is the whole backward).
         param_ids: ``id()`` of the parameters whose gradients may wait.
         self_handled: autograd Functions that defer their own weight gradients.
 
@@ -86,10 +78,23 @@ def input_pass(
         if not _warned:
             logger.warning(
                 "a parameter is used on both sides of a split in one stage's backward "
-                "(shared weights?): running that backward whole in its input-gradient pass"
+                "(shared weights?): its weight pass runs back through the whole graph, "
+                "doing the input-gradient work a second time"
             )
             _warned = True
-        return _whole(roots, root_grads, inputs), pending
+        input_grads = torch.autograd.grad(
+            list(roots),
+            cast(Any, list(inputs)),
+            grad_outputs=grads,
+            retain_graph=True,
+            allow_unused=True,
+        )
+        params = list(
+            {id(p): p for group in plan.split_params + plan.root_params for p in group}.values()
+        )
+        if params:
+            pending.calls.append((list(roots), grads, params))
+        return list(input_grads), pending
     captured: list[tuple[torch.Tensor | None, ...] | None] = [None] * len(plan.split_nodes)
     handles = []
     for index, node in enumerate(plan.split_nodes):
@@ -101,7 +106,7 @@ def input_pass(
     try:
         input_grads = torch.autograd.grad(
             list(roots),
-            list(inputs),
+            cast(Any, list(inputs)),
             grad_outputs=grads,
             retain_graph=True,
             allow_unused=True,

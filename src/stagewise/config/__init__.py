@@ -1,11 +1,14 @@
 """The validated configuration, with DeepSpeed's key names.
 
 ``Config.from_dict`` (or ``from_any`` for a dict or a JSON path) checks every
-key: an unknown one is a :class:`~stagewise.errors.ConfigError` naming it (and
-the closest known key), as is a value of the wrong type or inconsistent batch
-sizes. Batch sizes follow DeepSpeed: ``train_batch_size =
-train_micro_batch_size_per_gpu * gradient_accumulation_steps * data_parallel``,
-and any two of the three fix the third.
+key. A DeepSpeed config loads as it is: a key DeepSpeed reads that stagewise
+does not implement is named in one warning, and an unknown key is a warning
+that names it and the closest known key (``Config.notices``, logged on rank 0
+by ``initialize``); ``"strict_config": true`` makes them a
+:class:`~stagewise.errors.ConfigError`. A value of the wrong type or
+inconsistent batch sizes are always errors. Batch sizes follow DeepSpeed:
+``train_batch_size = train_micro_batch_size_per_gpu * gradient_accumulation_steps
+* data_parallel``, and any two of the three fix the third.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 from stagewise.config.batch import resolve_batch
 from stagewise.config.checkpointing import CheckpointConfig
-from stagewise.config.keys import check_booleans, check_keys, typed
+from stagewise.config.keys import STRICT_KEY, check_booleans, check_keys, reports_keys, typed
 from stagewise.config.sections import (
     FP16Config,
     OptimizerConfig,
@@ -60,6 +63,10 @@ class Config:
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     # Periodic, rotating, asynchronous checkpoints and automatic resume.
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Make every key that stagewise does not act on an error (default: a warning).
+    strict_config: bool = False
+    # The warnings about keys stagewise does not act on (filled by from_dict).
+    notices: list[str] = field(default_factory=list, repr=False, compare=False)
 
     _KNOWN = (
         "train_batch_size",
@@ -80,6 +87,7 @@ class Config:
         "prescale_gradients",
         "gradient_predivide_factor",
         "checkpoint",
+        STRICT_KEY,
     )
 
     @classmethod
@@ -103,9 +111,10 @@ class Config:
         return cls.from_dict(config)
 
     @classmethod
+    @reports_keys
     def from_dict(cls, data: dict[str, Any]) -> Config:
         check_keys("", data, list(cls._KNOWN))
-        out = cls()
+        out = cls(strict_config=bool(data.get(STRICT_KEY, False)))
         for key in (
             "train_batch_size",
             "train_micro_batch_size_per_gpu",
@@ -142,13 +151,12 @@ class Config:
                 raise ConfigError(f"gradient_clipping must be >= 0, got {out.gradient_clipping}")
         for key in ("bf16", "bfloat16"):
             if key in data:
-                check_keys(key, data[key], ["enabled", "immediate_grad_update"])
-                out.bf16_enabled = typed(
-                    f"{key}.", "enabled", data[key].get("enabled", False), bool
-                )
+                bf16 = check_keys(key, data[key], ["enabled"])
+                out.bf16_enabled = typed(f"{key}.", "enabled", bf16.get("enabled", False), bool)
         if "fp16" in data:
-            check_keys("fp16", data["fp16"], [f.name for f in fields(FP16Config)])
-            out.fp16 = FP16Config(**data["fp16"])
+            out.fp16 = FP16Config(
+                **check_keys("fp16", data["fp16"], [f.name for f in fields(FP16Config)])
+            )
             check_booleans("fp16.", out.fp16)
         if out.fp16.enabled and out.bf16_enabled:
             raise ConfigError("bf16.enabled and fp16.enabled are both true; choose one")

@@ -10,18 +10,20 @@ stagewise's keys::
         "resume": "auto"          # initialize() loads the newest complete checkpoint
     }
 
-DeepSpeed's own keys under ``checkpoint`` are accepted: ``tag_validation``
-(``"Warn"``, ``"Ignore"``, ``"Fail"``; stagewise always checks that every rank
-saves the same tag and fails on a mismatch), ``load_universal``,
-``use_node_local_storage``, ``parallel_write`` (``{"pipeline_stage": bool}``;
-stagewise always writes every stage's files in parallel) and ``writer``.
-Those stagewise does not implement leave a warning in
-:attr:`CheckpointConfig.warnings`, which the engine logs on rank 0.
+DeepSpeed's own keys under ``checkpoint`` are accepted. ``tag_validation``
+(``"Warn"``, ``"Ignore"``, ``"Fail"``) and ``parallel_write``
+(``{"pipeline_stage": bool}``) are read and checked: stagewise always checks that
+every rank saves the same tag (a mismatch fails), and always writes every stage's
+files in parallel. ``load_universal`` and ``use_node_local_storage`` at their
+default (false) and ``checkpoint_serialization`` at its (true) ask for nothing
+stagewise lacks; otherwise they, and ``writer``, are reported as not implemented
+(one warning on rank 0, an error with ``"strict_config": true``;
+:mod:`stagewise.config.keys`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from stagewise.config.keys import check_keys, typed
@@ -38,11 +40,14 @@ _KEYS = [
     "async",
     "resume",
     "tag_validation",
-    "load_universal",
-    "use_node_local_storage",
     "parallel_write",
-    "writer",
 ]
+# DeepSpeed's keys whose default asks for what stagewise does anyway
+_DEFAULTS = {
+    "load_universal": False,
+    "use_node_local_storage": False,
+    "checkpoint_serialization": True,
+}
 
 
 @dataclass
@@ -64,12 +69,12 @@ class CheckpointConfig:
     resume: str = "never"
     # DeepSpeed's; stagewise always fails when the ranks' tags differ.
     tag_validation: str = "Warn"
-    # Messages about DeepSpeed keys that are accepted but not implemented.
-    warnings: list[str] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: Any) -> CheckpointConfig:
-        check_keys("checkpoint", data, _KEYS)
+        if isinstance(data, dict):  # defaults that ask for nothing are not reported
+            data = {k: v for k, v in data.items() if not (k in _DEFAULTS and v is _DEFAULTS[k])}
+        data = check_keys("checkpoint", data, _KEYS)
         p = "checkpoint."
         out = cls()
         if data.get("save_dir") is not None:
@@ -106,29 +111,10 @@ class CheckpointConfig:
                 f"{mode!r}"
             )
         self.tag_validation = mode
-        if typed(p, "load_universal", data.get("load_universal", False), bool):
-            self.warnings.append(
-                "checkpoint.load_universal=true is not implemented: stagewise does not read "
-                "DeepSpeed's universal checkpoints; its own checkpoints load on any number of "
-                "stages without a conversion"
-            )
-        if typed(p, "use_node_local_storage", data.get("use_node_local_storage", False), bool):
-            self.warnings.append(
-                "checkpoint.use_node_local_storage=true is not implemented: every rank writes "
-                "into save_dir, which every rank must see (one machine or a shared file system)"
-            )
         if "parallel_write" in data:
-            section = data["parallel_write"]
-            check_keys("checkpoint.parallel_write", section, ["pipeline_stage"])
+            section = check_keys(
+                "checkpoint.parallel_write", data["parallel_write"], ["pipeline_stage"]
+            )
             typed(
                 f"{p}parallel_write.", "pipeline_stage", section.get("pipeline_stage", False), bool
-            )
-        if "writer" in data:
-            writer = data["writer"]
-            check_keys(
-                "checkpoint.writer", writer, list(writer) if isinstance(writer, dict) else []
-            )
-            self.warnings.append(
-                "checkpoint.writer is not implemented and was ignored: use "
-                '"checkpoint": {"async": true} for writes in the background'
             )

@@ -39,15 +39,13 @@ class PipelineConfig:
     # the stage and the micro-batch; "skip" skips that optimizer step on every rank
     # alike and counts it in skipped_steps. fp16's loss scaler does its own.
     nonfinite: str = "error"
-    # DeepSpeed's keys, accepted for compatibility and unused here.
-    stages: Any = "auto"
-    partition: Any = "best"
     # DeepSpeed splits activations (gradients) over tensor-parallel slices between
     # stages; here they travel whole. True with a model axis is an error; absent
     # (DeepSpeed's default, true) or false: whole, with the same results.
     pipe_partitioned: bool | None = None
     grad_partitioned: bool | None = None
-    use_reentrant: bool = False
+    # DeepSpeed's other pipeline keys (stages, partition, use_reentrant) are accepted
+    # and reported: config/deepspeed_keys.py.
 
     @property
     def choice(self) -> ScheduleChoice:
@@ -56,8 +54,7 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PipelineConfig:
-        check_keys("pipeline", data, [f.name for f in fields(cls)])
-        out = cls(**data)
+        out = cls(**check_keys("pipeline", data, [f.name for f in fields(cls)]))
         p = "pipeline."
         check_booleans(p, out)
         if typed(p, "nonfinite", out.nonfinite, str) not in ("error", "skip"):

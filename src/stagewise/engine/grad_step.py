@@ -10,7 +10,8 @@
   ``tensor_model_parallel`` true, as Megatron and DeepSpeed mark it) counted on
   every slice, any other parameter (identical on every slice) only on slice 0;
   clipping scales every gradient by the same factor, which
-  :func:`torch.nn.utils.clip_grad_norm_` gives in one process on the unsharded model.
+  :func:`torch.nn.utils.clip_grad_norm_` gives in one process on the unsharded model;
+* replicas start from the same weights (:meth:`GradientReducer.broadcast_replicas`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,22 @@ class GradientReducer:
             if weight.grad is None:
                 weight.grad = torch.zeros_like(weight)
             self.collectives.all_reduce(weight.grad, "summing tied-weight gradients", group)
+
+    def broadcast_replicas(self) -> None:
+        """Give every data-parallel replica of this stage the first replica's weights.
+
+        DeepSpeed's ``initialize`` does the same, so that replicas built from
+        differently seeded random states still train one model.
+        """
+        if self.grid.get_data_parallel_world_size() == 1:
+            return
+        src = min(self.grid.get_data_parallel_group_ranks())
+        group = self.grid.get_data_parallel_group()
+        with torch.no_grad():
+            for p in self.module.parameters():
+                self.collectives.broadcast(
+                    p.data, src, "sharing the first replica's weights", group
+                )
 
     def reduce_data_parallel(self, *_: Any) -> None:
         """Average gradients over the data-parallel replicas of this stage."""

@@ -31,31 +31,81 @@ __all__ = ["LossScaler", "Stepper", "build_lr_scheduler_for", "optimizer_from_co
 logger = logging.getLogger(__name__)
 
 
+#: DeepSpeed's optimizer names that need a kernel or package stagewise does not mirror.
+_NOT_MIRRORED = {
+    "lamb": "DeepSpeed's FusedLamb is a CUDA kernel and torch has no LAMB",
+    "lion": "DeepSpeed's FusedLion is a CUDA kernel and torch has no Lion",
+    "muon": "DeepSpeed's Muon (Muon for matrices, Adam for the rest) is not torch.optim.Muon",
+    "muadam": "DeepSpeed's MuAdam comes from the mup package",
+    "muadamw": "DeepSpeed's MuAdamW comes from the mup package",
+    "musgd": "DeepSpeed's MuSGD comes from the mup package",
+}
+
+
+def _adam(name: str, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """DeepSpeed's ``Adam``/``AdamW``: the torch class and its arguments, DeepSpeed's defaults.
+
+    ``AdamW`` always decouples weight decay; ``Adam`` does unless ``adam_w_mode`` is
+    false (then the decay is an L2 term in the gradient, torch's ``Adam``). Without
+    ``torch_adam`` DeepSpeed runs its FusedAdam, whose ``weight_decay`` defaults to 0
+    (torch's ``AdamW`` to 0.01); with ``torch_adam: true`` it runs torch's class with
+    torch's defaults.
+    """
+    decoupled = bool(kwargs.pop("adam_w_mode", True)) or name == "adamw"
+    kwargs.pop("fp32_optimizer_states", None)  # CPU Adam's state precision: fp32 here anyway
+    cls: Any = torch.optim.AdamW if decoupled else torch.optim.Adam
+    if kwargs.pop("torch_adam", False):
+        return cls, kwargs
+    if not kwargs.pop("bias_correction", True):
+        raise ConfigError(
+            f"optimizer {name!r}: bias_correction=false (DeepSpeed's FusedAdam) is not "
+            "supported: torch's Adam always corrects the bias; remove the key"
+        )
+    kwargs.pop("set_grad_none", None)  # the engine always sets gradients to None
+    kwargs.setdefault("weight_decay", 0.0)
+    return cls, kwargs
+
+
 def optimizer_from_config(name: str, params: dict[str, Any], model_params: Any) -> Any:
-    """A ``torch.optim`` optimizer by (DeepSpeed) name, e.g. ``Adam``, ``AdamW``, ``SGD``."""
+    """The optimizer a config's ``optimizer`` section names, as DeepSpeed builds it.
+
+    ``Adam`` and ``AdamW`` follow DeepSpeed key by key (:func:`_adam`: the meaning of
+    each name, ``adam_w_mode``, ``torch_adam``, ``weight_decay`` 0 by default);
+    ``Adagrad`` and every other name are ``torch.optim``'s class of that name
+    (case-insensitive). DeepSpeed's ``Lamb``, ``Lion``, ``Muon`` and the ``mup``
+    optimizers are not mirrored: an error says to pass the optimizer to ``initialize``.
+
+    Raises:
+        ConfigError: an unknown or unmirrored name, ``max_grad_norm`` in the params,
+            or params the optimizer rejects.
+    """
     kwargs = dict(params)
     lowered = name.lower()
-    if lowered == "adam":
-        # DeepSpeed's "Adam" decouples weight decay (AdamW) unless adam_w_mode is false.
-        adam_w_mode = kwargs.pop("adam_w_mode", True)
-        kwargs.pop("torch_adam", None)
-        cls: Any = torch.optim.AdamW if adam_w_mode else torch.optim.Adam
-    elif lowered == "adamw":
-        kwargs.pop("adam_w_mode", None)
-        kwargs.pop("torch_adam", None)
-        cls = torch.optim.AdamW
+    if "max_grad_norm" in kwargs:
+        raise ConfigError(
+            f"optimizer {name!r}: max_grad_norm is not an optimizer parameter; set the "
+            'config\'s "gradient_clipping" instead'
+        )
+    if lowered in _NOT_MIRRORED:
+        raise ConfigError(
+            f"optimizer.type {name!r} is not available in stagewise ({_NOT_MIRRORED[lowered]}); "
+            "build the optimizer yourself and pass it as stagewise.initialize(optimizer=...)"
+        )
+    if lowered in ("adam", "adamw"):
+        cls, kwargs = _adam(lowered, kwargs)
     else:
         by_lower = {
             n.lower(): getattr(torch.optim, n)
             for n in dir(torch.optim)
             if isinstance(getattr(torch.optim, n), type)
             and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)
+            and n != "Optimizer"
         }
         cls = by_lower.get(lowered)
         if cls is None:
             raise ConfigError(
-                f"unknown optimizer.type {name!r}; use one of torch.optim's optimizers "
-                f"({', '.join(sorted(c.__name__ for c in by_lower.values()))})"
+                f"unknown optimizer.type {name!r}; use Adam, AdamW or one of torch.optim's "
+                f"optimizers ({', '.join(sorted(c.__name__ for c in by_lower.values()))})"
             )
     try:
         return cls(model_params, **kwargs)

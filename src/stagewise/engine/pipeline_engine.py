@@ -34,6 +34,11 @@ from stagewise.engine.parts import build_parts, handler_table
 from stagewise.engine.resilience import Resilience
 from stagewise.engine.results import log_progress
 from stagewise.engine.state import BatchState, RunMode, read_micro_batch
+from stagewise.engine.subclass import (
+    DeepSpeedHooks,
+    install_overrides,
+    use_swapped_train_schedule,
+)
 from stagewise.engine.timeline import gather_timeline, write_timeline
 from stagewise.errors import PipelineError
 from stagewise.loader import RepeatingLoader, data_parallel_loader
@@ -46,13 +51,14 @@ from stagewise.schedule.render import TimelineEvent
 __all__ = ["PipelineEngine"]
 
 
-class PipelineEngine:
+class PipelineEngine(DeepSpeedHooks):
     """Trains a :class:`PipelineModule` with a pipeline schedule.
 
     Build it with :func:`stagewise.initialize`. Use :meth:`train_batch` and
     :meth:`eval_batch`; ``forward``/``backward``/``step`` are not available on a
     pipeline (as in DeepSpeed). :meth:`register_instruction` adds or wraps the
-    handler of an instruction class.
+    handler of an instruction class; a subclass may also override DeepSpeed's
+    ``_exec_*`` methods or extend ``_INSTRUCTION_MAP`` (:mod:`stagewise.engine.subclass`).
     """
 
     def __init__(
@@ -83,9 +89,13 @@ class PipelineEngine:
             module, config, self.grid, self.device, self.micro_batches, optimizer,
             model_parameters, lr_scheduler, self._describe_rank,
         )  # fmt: skip
+        self.parts.reducer.broadcast_replicas()  # as DeepSpeed's initialize: replicas start equal
         self.optimizer, self.lr_scheduler = self.parts.optimizer, self.parts.lr_scheduler
         self.loss_scaler = self.parts.loss_scaler
-        self.interpreter = Interpreter(handler_table(self.parts), self.stage_id, self.global_rank)
+        self._builtin_handlers = handler_table(self.parts)
+        self.interpreter = Interpreter(self._builtin_handlers, self.stage_id, self.global_rank)
+        install_overrides(self, self.interpreter)
+        use_swapped_train_schedule(self.parts, self.config, self.module)
         self.batch_fn: Callable[[Any], Any] | None = None
         self.data_iterator: Iterator[Any] | None = None
         self.training_dataloader: Any = None

@@ -72,9 +72,6 @@ class Resilience:
         if self.config.async_save:
             group = dist.new_group(backend="gloo") if engine.world_size > 1 else None
             self.saver = AsyncSaver(engine.parts.collectives.with_group(group))
-        if engine.global_rank == 0:
-            for warning in self.config.warnings:
-                logger.warning("%s", warning)
 
     # -- the data position ------------------------------------------------------------------
     def data_state(self) -> Any:

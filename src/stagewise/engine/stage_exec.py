@@ -12,6 +12,13 @@ any layer type, under autocast and activation checkpointing); plain linear
 layers in fp32 leave theirs in a :class:`~stagewise.backward.linear.WeightGradStore`
 instead, which accumulates them in one GEMM.
 
+A stage's input belongs to the stage, which may modify it in place (a first
+layer ``nn.ReLU(inplace=True)``), as in DeepSpeed, with no copy: a received
+activation (a fresh buffer) enters the graph through :class:`StageInput`, which
+marks it dirty and hands it back as a non-leaf whose backward captures the
+input gradient; a loaded micro-batch is copied only when it is the caller's own
+tensor (a CPU run, or data already on the device).
+
 Failures name their culprit: a data iterator that runs out says at which
 micro-batch of which step; a layer that cannot take what the previous stage
 sent (a shape mismatch) is found by running the chunk's layers one by one on
@@ -26,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from stagewise.backward.linear import DeferredLinear, WeightGradStore
 from stagewise.backward.recompute import keeping_recomputed
@@ -41,6 +49,35 @@ __all__ = ["StageExecutor"]
 
 def _key(instr: BufferOpInstruction) -> Key:
     return instr.chunk_id, instr.buffer_id
+
+
+class StageInput(torch.autograd.Function):
+    """The received tensors themselves, as outputs of a node that keeps their gradients.
+
+    ``StageInput.apply(sink, anchor, *tensors)`` returns ``tensors`` (the same
+    objects, marked dirty: their history now starts here, so layers may modify them
+    in place); the backward appends the gradient of each to ``sink`` and stops.
+    ``anchor`` is a zero-size leaf that wants a gradient, so the outputs do too.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, sink: list[torch.Tensor], anchor: torch.Tensor, *tensors: Any) -> Any:
+        ctx.sink = sink
+        ctx.mark_dirty(*tensors)
+        return tensors
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> Any:
+        ctx.sink.extend(grads)
+        return (None, None, *([None] * len(grads)))
+
+
+def _own(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``, as a tensor the stage may modify (a copy if it is the caller's)."""
+    moved = tensor.detach().to(device)
+    if moved.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+        moved = moved.clone()
+    return moved
 
 
 def _shapes(value: Any) -> str:
@@ -97,6 +134,8 @@ class StageExecutor:
         self.loss_scale = loss_scale
         self.weight_store = weight_store
         self._holds_both_ends = any(r.first for r in routes) and any(r.last for r in routes)
+        # A zero-size leaf wanting a gradient: StageInput's outputs want one through it.
+        self._anchor = torch.empty(0, requires_grad=True)
         self.splits_backward = splits_backward
         self._param_ids = frozenset(id(p) for p in module.parameters() if p.requires_grad)
         self._self_handled = frozenset({DeferredLinear}) if weight_store.enabled else frozenset()
@@ -125,7 +164,7 @@ class StageExecutor:
                 batch.batches[instr.micro_batch_id] = data
         if role.first:
             batch.inputs[key] = tuple(
-                t.detach().to(self.device) if isinstance(t, torch.Tensor) else t
+                _own(t, self.device) if isinstance(t, torch.Tensor) else t
                 for t in as_tuple(data[0])
             )
         if role.last:
@@ -134,10 +173,28 @@ class StageExecutor:
     def accept_input(
         self, instr: BufferOpInstruction, batch: BatchState, tensors: list[torch.Tensor]
     ) -> None:
-        """Keep a received activation as the chunk's input (a leaf wanting grad, to train)."""
+        """Keep a received activation as the chunk's input, which its layers may modify.
+
+        To train, the floating-point tensors pass through :class:`StageInput` (no copy);
+        their gradients collect in ``batch.input_grads[key]`` during the backward.
+        """
+        key = _key(instr)
         if batch.mode.training:
-            tensors = [t.detach().requires_grad_() if t.is_floating_point() else t for t in tensors]
-        batch.inputs[_key(instr)] = tuple(tensors)
+            floats = [i for i, t in enumerate(tensors) if t.is_floating_point()]
+            sink: list[torch.Tensor] = []
+            batch.input_grads[key] = sink
+            if floats:
+                marked = StageInput.apply(
+                    sink, self._anchor, *[tensors[i].detach() for i in floats]
+                )
+                # Where the input gradients arrive, taken before a layer modifies an input in
+                # place (which moves the tensor's own history on): the split backward's I
+                # differentiates towards these edges.
+                batch.input_edges[key] = [get_gradient_edge(t) for t in marked]
+                tensors = list(tensors)
+                for i, tensor in zip(floats, marked, strict=True):
+                    tensors[i] = tensor
+        batch.inputs[key] = tuple(tensors)
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, instr: BufferOpInstruction, batch: BatchState) -> None:
@@ -228,13 +285,13 @@ class StageExecutor:
             return []
         return [t for t in batch.inputs[key] if t.is_floating_point()]
 
-    def _keep_input_grads(
-        self, key: Key, batch: BatchState, grads: list[torch.Tensor | None]
-    ) -> None:
+    def _keep_input_grads(self, key: Key, batch: BatchState) -> None:
+        """The gradients StageInput collected (zeros for inputs the loss does not use)."""
         inputs = self._grad_inputs(key, batch)
-        batch.input_grads[key] = [
-            g if g is not None else torch.zeros_like(t) for g, t in zip(grads, inputs, strict=True)
-        ]
+        caught = batch.input_grads.get(key) or []
+        batch.input_grads[key] = (
+            list(caught) if len(caught) == len(inputs) else [torch.zeros_like(t) for t in inputs]
+        )
         batch.inputs.pop(key, None)
 
     def backward(self, instr: BufferOpInstruction, batch: BatchState) -> None:
@@ -243,20 +300,25 @@ class StageExecutor:
         roots, root_grads = self._roots(key, batch)
         if roots:
             torch.autograd.backward(roots, root_grads or None)
-        self._keep_input_grads(key, batch, [t.grad for t in self._grad_inputs(key, batch)])
+        batch.input_edges.pop(key, None)
+        self._keep_input_grads(key, batch)
 
     def backward_input(self, instr: BufferOpInstruction, batch: BatchState) -> None:
         """The input gradients of one micro-batch; its parameters' wait for ``W``."""
         key = _key(instr)
         roots, root_grads = self._roots(key, batch)
-        inputs = self._grad_inputs(key, batch)
-        grads: list[torch.Tensor | None] = [None] * len(inputs)
+        edges = batch.input_edges.pop(key, [])
+        grads: list[torch.Tensor | None] = [None] * len(edges)
         if roots:
             with self.weight_store.capturing(key):
                 grads, batch.weight_passes[key] = input_pass(
-                    roots, root_grads, inputs, self._param_ids, self._self_handled
+                    roots, root_grads, edges, self._param_ids, self._self_handled
                 )
-        self._keep_input_grads(key, batch, grads)
+        inputs = self._grad_inputs(key, batch)
+        batch.input_grads[key] = [
+            g if g is not None else torch.zeros_like(t) for g, t in zip(grads, inputs, strict=True)
+        ]
+        batch.inputs.pop(key, None)
 
     def backward_weight(self, instr: BufferOpInstruction, batch: BatchState) -> None:
         """The parameter gradients one micro-batch's ``I`` left."""

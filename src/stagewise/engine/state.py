@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.autograd.graph import GradientEdge
 
 from stagewise.backward.split import WeightPass
 from stagewise.errors import PipelineError
@@ -69,6 +70,8 @@ class BatchState:
             None when evaluating.
         read: micro-batches this stage has read from the data so far.
         weight_passes: per key, the parameter gradients its ``I`` left for its ``W``.
+        input_edges: per key, where the gradients of the received inputs arrive (the
+            split backward's ``I`` differentiates towards them).
     """
 
     mode: RunMode
@@ -84,6 +87,7 @@ class BatchState:
     step: int | None = None
     read: int = 0
     weight_passes: dict[Key, WeightPass] = field(default_factory=dict)
+    input_edges: dict[Key, list[GradientEdge]] = field(default_factory=dict)
 
 
 def as_tuple(value: Any) -> tuple[Any, ...]:

@@ -6,7 +6,8 @@ A partition of ``n`` items into ``p`` parts is a list of ``p + 1`` boundaries
 - :func:`partition_uniform` splits by count, exactly as DeepSpeed does.
 - :func:`partition_balanced` splits weighted items so that the heaviest part
   (the pipeline's bottleneck) is as light as possible: an exact optimum, never
-  heavier than DeepSpeed's answer, and fast for thousands of layers.
+  heavier than DeepSpeed's answer, and DeepSpeed's answer itself wherever that
+  is optimal too (:mod:`~stagewise.partition.deepspeed_split`).
 
 >>> partition_uniform(num_items=10, num_parts=3)
 [0, 4, 7, 10]
@@ -21,6 +22,8 @@ import operator
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from itertools import accumulate, pairwise
+
+from stagewise.partition.deepspeed_split import deepspeed_split
 
 __all__ = ["check_num_parts", "part_weights", "partition_balanced", "partition_uniform"]
 
@@ -191,14 +194,18 @@ def partition_balanced(weights: Sequence[float], num_parts: int) -> list[int]:
 
     Exact: no split of the items into ``num_parts`` contiguous non-empty parts
     has a lighter heaviest part (weights are summed exactly, floats included).
-    Among the optimal splits it takes one whose lightest part is as heavy as
-    possible, and then, deciding the boundaries from the last one backwards,
-    the one closest to :func:`partition_uniform`'s (so equal or all-zero
-    weights give the uniform split). With no more items than parts it returns
+    Among the optimal splits it takes DeepSpeed's (``deepspeed.runtime.utils.
+    partition_balanced``) when DeepSpeed's is one of them, so that layers land
+    on the stages DeepSpeed gives them. Otherwise (DeepSpeed's heaviest part is
+    heavier, or the input is past :data:`~stagewise.partition.deepspeed_split.BUDGET`)
+    it takes one whose lightest part is as heavy as possible, and then, deciding
+    the boundaries from the last one backwards, the one closest to
+    :func:`partition_uniform`'s. With no more items than parts it returns
     :func:`partition_uniform`'s boundaries, as DeepSpeed does.
 
-    Cost: O(n log n) per step of two searches of O(log n) steps each (in
-    Python), about 0.1 s for 2,048 weights into 128 parts.
+    Cost: DeepSpeed's split, vectorised (about 0.3 s for 1,024 weights into 64
+    parts; DeepSpeed's own takes minutes), plus O(n log n) per step of two
+    searches of O(log n) steps each, about 0.1 s for 2,048 weights into 128 parts.
 
     Raises:
         ValueError: when a weight is negative or not a finite number, or
@@ -206,14 +213,17 @@ def partition_balanced(weights: Sequence[float], num_parts: int) -> list[int]:
 
     >>> partition_balanced([1, 2, 3, 4, 5, 6, 7, 8, 9], 3)
     [0, 5, 7, 9]
-    >>> partition_balanced([4, 0, 0, 4], 2)
-    [0, 2, 4]
+    >>> partition_balanced([4, 0, 0, 4], 2)  # DeepSpeed's: the zeros go first
+    [0, 3, 4]
     """
     parts = check_num_parts(num_parts)
     values = _exact_integers(weights)
     n = len(values)
-    if n <= parts or max(values) == 0:
+    if n <= parts:
         return partition_uniform(n, parts)
+    theirs = deepspeed_split(weights, parts)
+    if max(values) == 0:
+        return theirs if theirs is not None else partition_uniform(n, parts)
     prefix = list(accumulate(values, initial=0))
     total = prefix[-1]
 
@@ -227,6 +237,8 @@ def partition_balanced(weights: Sequence[float], num_parts: int) -> list[int]:
         ceiling = max(ceiling, prefix[end] - prefix[start])
         start = end
     upper = _search(prefix, ceiling, floor - 1, lambda bound: _parts_needed(prefix, bound) <= parts)
+    if theirs is not None and max(prefix[b] - prefix[a] for a, b in pairwise(theirs)) == upper:
+        return theirs
 
     # 2. Under that bound, the heaviest lightest part with exactly `parts` parts.
     windows = _Windows(prefix, upper)

@@ -1,0 +1,5 @@
+"""The mirror of ``deepspeed.runtime.dataloader``: ``RepeatingLoader``."""
+
+from stagewise.loader import RepeatingLoader
+
+__all__ = ["RepeatingLoader"]
