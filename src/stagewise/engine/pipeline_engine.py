@@ -327,10 +327,8 @@ class PipelineEngine(DeepSpeedHooks):
         client_state: dict[str, Any] | None = None,
         save_latest: bool = True,
     ) -> bool:
-        """Save weights (one file per layer), optimizer, engine state and the data loader's
-        position under ``save_dir/tag``. Every rank must call it; a crash mid-save leaves the
-        previous one as ``latest``. With ``checkpoint.async`` it returns once the state is
-        copied to host memory (see :meth:`wait_for_checkpoint`)."""
+        """Save weights (a file per layer), optimizer, engine state and the loader's position;
+        every rank calls it. ``checkpoint.async``: returns once the state is copied."""
         return self.resilience.save(save_dir, tag, client_state or {}, save_latest)
 
     def wait_for_checkpoint(self) -> str | None:
@@ -347,8 +345,5 @@ class PipelineEngine(DeepSpeedHooks):
         load_module_only: bool = False,
     ) -> tuple[str | None, dict[str, Any] | None]:
         """Load a checkpoint saved with any number of stages; returns ``(path, client_state)``."""
-        return self.resilience.load(
-            load_dir, tag, load_module_strict=load_module_strict,
-            load_optimizer_states=load_optimizer_states,
-            load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
-        )  # fmt: skip
+        return self.resilience.load(load_dir, tag, load_module_strict, load_optimizer_states,
+                                    load_lr_scheduler_states, load_module_only)  # fmt: skip

@@ -126,11 +126,12 @@ class Resilience:
         """Wait for an asynchronous save in flight; the tag directory it committed."""
         return self.saver.wait() if self.saver is not None else None
 
-    def load(self, load_dir: str | os.PathLike[str], tag: str | None, **kwargs: Any) -> Any:
-        """Load a checkpoint into the engine; ``(path, client_state)`` as DeepSpeed returns."""
+    def load(self, load_dir: str | os.PathLike[str], tag: str | None, *options: bool) -> Any:
+        """Load a checkpoint into the engine (``options``: ``load_checkpoint``'s flags, in
+        order); ``(path, client_state)`` as DeepSpeed returns."""
         self.wait()
         engine = self.engine
-        loaded = checkpoint.load_checkpoint(engine.checkpoint_view(), load_dir, tag, **kwargs)
+        loaded = checkpoint.load_checkpoint(engine.checkpoint_view(), load_dir, tag, *options)
         if loaded.counters is not None:
             engine.parts.counters.restore(loaded.counters)
         self.pending_data = loaded.data_state
