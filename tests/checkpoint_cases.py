@@ -90,6 +90,7 @@ def run_actions(rank: int, world_size: int, case: dict[str, Any], actions: list[
 
     Actions: ``("train", n)``, ``("save", dir)`` (client state: rank and step),
     ``("save", dir, kill_rank)`` (rank ``kill_rank`` SIGKILLs itself after its first file),
+    ``("save", dir, None, tag)`` (under ``tag``),
     ``("load", dir, kwargs)``, ``("probe",)`` (draw from the RNGs), ``("eval",)``
     (loss and logits on fixed data). Returns ``{"rank", "stage", "results"}`` with
     one entry per action; an action that raises ends the run with
@@ -107,7 +108,8 @@ def run_actions(rank: int, world_size: int, case: dict[str, Any], actions: list[
                 if len(action) > 2 and action[2] == rank:
                     _die_after_first_save()
                 client = {"rank": rank, "steps": engine.global_steps}
-                results.append(engine.save_checkpoint(action[1], client_state=client))
+                tag = action[3] if len(action) > 3 else None
+                results.append(engine.save_checkpoint(action[1], tag, client_state=client))
             elif kind == "load":
                 path, client = engine.load_checkpoint(action[1], **action[2])
                 results.append(

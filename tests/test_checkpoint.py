@@ -260,9 +260,9 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".global_step2.tmp-")]
     assert len(leftovers) == 1  # the torn attempt, never named as a checkpoint
 
-    # fresh processes resume from global_step1 and replay step 2 exactly; saving it again
-    # succeeds and clears the torn attempt
-    actions = [("load", save_dir, {}), ("train", 1), ("save", save_dir)]
+    # fresh processes resume from global_step1 and replay step 2 exactly; the next save (of
+    # another tag) succeeds and clears the torn attempt
+    actions = [("load", save_dir, {}), ("train", 1), ("save", save_dir, None, "after_crash")]
     again = run_distributed(run_actions, 2, KILL, actions, timeout=90)
     for result in again:
         loaded, losses, saved = result["results"]
@@ -270,7 +270,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
         assert loaded["path"] == os.path.join(save_dir, "global_step1")
         assert losses == losses_step2
         assert saved is True
-    assert (tmp_path / "latest").read_text() == "global_step2"
+    assert (tmp_path / "latest").read_text() == "after_crash"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -297,6 +297,12 @@ def test_missing_and_torn_files_are_named(exact_runs: dict[str, Any], tmp_path: 
     target.write_bytes(target.read_bytes()[:100])
     no_manifest = variant("no_manifest")
     (no_manifest / "global_step2" / "manifest.json").unlink()
+    corrupt = variant("corrupt")  # the same size, other bytes: only the hash tells
+    target = corrupt / "global_step2" / "layer_02-model_states.pt"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    (tmp_path / "empty").mkdir()
     weights_only = exact_runs["imported"]  # written by import_state_dict
     optim_gone = variant("optim_gone")
     (optim_gone / "global_step2" / "layer_03-optim_states.pt").unlink()
@@ -317,6 +323,8 @@ def test_missing_and_torn_files_are_named(exact_runs: dict[str, Any], tmp_path: 
         {"dir": str(tmp_path / "empty")},
         {"dir": str(missing), "kwargs": {"tag": "global_step9"}},
         {"dir": str(optim_gone)},
+        {"dir": str(corrupt)},
+        {"dir": str(tmp_path / "nowhere")},
     ]
     results = run_distributed(
         expect_load_errors, 2, {**GPT, "stages": 2, "optimizer": "adam"}, attempts, timeout=90
@@ -332,6 +340,8 @@ def test_missing_and_torn_files_are_named(exact_runs: dict[str, Any], tmp_path: 
         r"OK: None None",  # no 'latest': nothing loaded, as in DeepSpeed
         r"CheckpointError: checkpoint directory .*global_step9 does not exist",
         None,
+        None,  # only the stage holding layer 2 (stage 0) reads it; checked below
+        r"CheckpointError: checkpoint directory .*/nowhere does not exist; check the path",
     ]
     for rank_messages in results:
         for message, pattern in zip(rank_messages, patterns, strict=True):
@@ -345,6 +355,13 @@ def test_missing_and_torn_files_are_named(exact_runs: dict[str, Any], tmp_path: 
         stage0,
     ), stage0
     assert re.search(r"CheckpointError: loading .* failed on rank\(s\) \[0\]", stage1), stage1
+    # a file corrupted at the same size: its hash differs, the stage reading it names it
+    assert re.search(
+        r"CheckpointError: weights of layer 2 \(Block\): checkpoint file .*corrupt/global_step2/"
+        r"layer_02-model_states\.pt does not match its content hash in manifest\.json",
+        results[0][8],
+    ), results[0][8]
+    assert re.search(r"CheckpointError: loading .* failed on rank\(s\) \[0\]", results[1][8])
     # missing optimizer file: named by the stage that needs it
     assert re.search(
         r"optimizer state of layer 3: .*optim_gone/global_step2/layer_03-optim_states\.pt is "

@@ -23,6 +23,7 @@ from stagewise.errors import (
     CheckpointError,
     ConfigError,
     InstructionError,
+    NonFiniteError,
     PeerError,
     PipelineError,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "ConfigError",
     "InstructionError",
     "LayerSpec",
+    "NonFiniteError",
     "PeerError",
     "PipeDataParallelTopology",
     "PipeModelDataParallelTopology",

@@ -12,9 +12,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from stagewise import teardown
 from stagewise.config import Config
 from stagewise.engine import PipelineEngine
+from stagewise.engine.resilience import resume_if_configured
 from stagewise.module import PipelineModule
+from stagewise.rendezvous import incarnation_store
 
 __all__ = ["add_config_arguments", "init_distributed", "initialize"]
 
@@ -44,7 +47,10 @@ def init_distributed(
     Under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` set) it joins that
     job; without them it starts a single-process group on a free port, so a script
     also runs as plain ``python script.py``. The arguments are DeepSpeed's
-    (``deepspeed.init_distributed``).
+    (``deepspeed.init_distributed``). Where torchrun's agent hosts the store, which
+    outlives ``--max-restarts``, each incarnation of the job meets under a prefix of
+    its own (:mod:`stagewise.rendezvous`), so a restarted group never reads a dead
+    one's addresses. It also installs the exit hooks of :mod:`stagewise.teardown`.
 
     Args:
         dist_backend: ``"gloo"`` or ``"nccl"``; default NCCL when CUDA is there, else gloo.
@@ -65,6 +71,7 @@ def init_distributed(
             MPI launch without torchrun's environment variables.
     """
     if dist.is_initialized():
+        teardown.install()
         return
     if dist_init_required is False:
         raise RuntimeError(
@@ -99,13 +106,28 @@ def init_distributed(
     if backend == "nccl":
         local_rank = int(env.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(
-        backend=backend,
-        init_method=init_method or "env://",
-        rank=rank,
-        world_size=world_size,
-        timeout=timeout,
-    )
+    agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "MASTER_PORT" in env
+    if init_method is None and agent_store:
+        store = incarnation_store(
+            dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, False, timeout),
+            rank,
+            world_size,
+            timeout.total_seconds(),
+        )
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+        )
+        teardown.install()
+    else:
+        dist.init_process_group(
+            backend=backend,
+            init_method=init_method or "env://",
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+        )
+        # rank 0 hosts the store here: after a failure it lingers a second for the others
+        teardown.install(linger_s=1.0 if rank == 0 and world_size > 1 else 0.0)
     if rank == 0 and verbose:
         logger.info("stagewise: %s process group of %d ranks", backend, world_size)
 
@@ -193,6 +215,11 @@ def initialize(
         dist_init_required: False forbids setting up ``torch.distributed`` here (it must
             be up already); None or True set it up when it is not.
 
+    With ``"checkpoint": {"resume": "auto", "save_dir": DIR}`` the newest complete
+    checkpoint under ``DIR`` is loaded before returning (weights, optimizer,
+    scheduler, loss scale, RNG states, counters, and the position of stagewise's
+    loaders); ``engine.global_steps`` then tells how many batches were trained.
+
     Returns:
         ``(engine, optimizer, training_dataloader, lr_scheduler)``.
 
@@ -228,4 +255,5 @@ def initialize(
         training_data=training_data,
         collate_fn=collate_fn,
     )
+    resume_if_configured(engine)
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "InstructionError", "PeerError", "PipelineError"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "InstructionError",
+    "NonFiniteError",
+    "PeerError",
+    "PipelineError",
+]
 
 
 class PipelineError(RuntimeError):
@@ -19,6 +26,13 @@ class PeerError(PipelineError):
 
 class CheckpointError(PipelineError):
     """A checkpoint is missing, incomplete, torn or does not fit the model being loaded."""
+
+
+class NonFiniteError(PipelineError):
+    """A loss or the gradient norm became NaN or infinite (``pipeline.nonfinite="error"``).
+
+    The message names the step, the stage and (for a loss) the micro-batch.
+    """
 
 
 class InstructionError(PipelineError):

@@ -27,6 +27,7 @@ from stagewise.backward.recompute import checkpoint as recompute_checkpoint
 from stagewise.dist_utils import default_device, require_dist
 from stagewise.errors import ConfigError
 from stagewise.grid import PipelineParallelGrid
+from stagewise.layer_digest import check_same_layers
 from stagewise.partition import PartitionMethod, compute_boundaries
 from stagewise.schedule.placement import Placement, PlacementKind
 from stagewise.spec import LayerSpec, TiedLayerSpec, get_attr_path, seed_everything
@@ -184,6 +185,7 @@ class PipelineModule(nn.Module):
         self.stage_id = self._grid.get_stage_id()
 
         check_tied_specs(self._layer_specs)
+        check_same_layers(self._layer_specs)  # a rank with another layer list fails here
         self.partition_method = PartitionMethod.parse(partition_method)
         self.parts = self._partition(self.partition_method, num_parts, profile_input)
         self.tied_modules = nn.ModuleDict()

@@ -6,8 +6,8 @@ On disk (``save_dir/tag/``, ``tag`` defaulting to DeepSpeed's ``global_step{N}``
     layer_00-optim_states.pt      the optimizer state of that layer's parameters, by name
     engine_states.pt              global: step counters, scheduler, loss scale, topology
     rank_000-states.pt            per rank: RNG states of Python, NumPy and torch, client state
-    manifest.json                 every file of the checkpoint with its size, the tied keys
-                                  and the module's metadata
+    manifest.json                 every file of the checkpoint with its size and SHA-256,
+                                  the tied keys and the module's metadata
     ../latest                     the newest tag (DeepSpeed's file)
 
 With a ``model`` axis in the topology the layer files carry DeepSpeed's suffix,
@@ -30,7 +30,7 @@ from typing import Any
 
 from torch import nn
 
-from stagewise.checkpoint.files import LATEST, write_text_atomic
+from stagewise.checkpoint.files import LATEST, MANIFEST, file_digest, write_text_atomic
 from stagewise.errors import CheckpointError
 from stagewise.spec import LayerSpec, TiedLayerSpec
 
@@ -43,6 +43,7 @@ __all__ = [
     "MANIFEST",
     "LayerTable",
     "check_tag",
+    "digests_file_name",
     "layer_file_name",
     "rank_file_name",
     "read_latest",
@@ -53,7 +54,6 @@ __all__ = [
 
 FORMAT = "stagewise-checkpoint"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 ENGINE_STATES = "engine_states.pt"
 LAYER_FILE = re.compile(r"^layer_(\d+)(?:-(.+?))?-model_states\.pt$")
 
@@ -76,6 +76,14 @@ def layer_file_name(layer_idx: int, kind: str = "model", rank_repr: str = "") ->
     if rank_repr:
         name += f"-{rank_repr}"
     return f"{name}-{kind}_states.pt"
+
+
+def digests_file_name(rank: int) -> str:
+    """The hidden file in which a rank leaves its files' hashes for rank 0's manifest."""
+    return f".digests-{rank:05d}.json"
+
+
+_DIGESTS_FILE = re.compile(r"^\.digests-\d+\.json$")
 
 
 def rank_file_name(rank: int) -> str:
@@ -208,8 +216,22 @@ def _scan_files(tag_dir: str) -> dict[str, int]:
     return {
         name: os.path.getsize(os.path.join(tag_dir, name))
         for name in sorted(os.listdir(tag_dir))
-        if os.path.isfile(os.path.join(tag_dir, name)) and name != MANIFEST
+        if os.path.isfile(os.path.join(tag_dir, name))
+        and name != MANIFEST
+        and not _DIGESTS_FILE.match(name)
     }
+
+
+def _collect_digests(tag_dir: str, names: Sequence[str]) -> dict[str, str]:
+    """The hashes the ranks left in ``tag_dir`` (removing their files); the rest computed."""
+    digests: dict[str, str] = {}
+    for name in sorted(os.listdir(tag_dir)):
+        if _DIGESTS_FILE.match(name):
+            path = os.path.join(tag_dir, name)
+            with open(path, encoding="utf-8") as handle:
+                digests.update(json.load(handle))
+            os.remove(path)
+    return {name: digests.get(name) or file_digest(os.path.join(tag_dir, name)) for name in names}
 
 
 def write_manifest(
@@ -219,8 +241,10 @@ def write_manifest(
     table: LayerTable,
     metadata: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write ``manifest.json``: every file of ``tag_dir`` with its size, the tied keys, and
-    the module's JSON-able ``metadata`` (``PipelineModule.checkpoint_metadata``)."""
+    """Write ``manifest.json``: every file of ``tag_dir`` with its size and SHA-256 (from
+    the ranks' digest files, else computed here), the tied keys, and the module's
+    JSON-able ``metadata`` (``PipelineModule.checkpoint_metadata``)."""
+    files = _scan_files(tag_dir)
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -229,6 +253,7 @@ def write_manifest(
         "num_layers": table.num_layers,
         "tied": {key: list(indices) for key, indices in table.tied.items()},
         "metadata": dict(metadata or {}),
-        "files": _scan_files(tag_dir),
+        "files": files,
+        "sha256": _collect_digests(tag_dir, list(files)),
     }
     write_text_atomic(os.path.join(tag_dir, MANIFEST), json.dumps(manifest, indent=1) + "\n")

@@ -75,8 +75,9 @@ def _load_training_state(
     tag_dir: str,
     load_optimizer_states: bool,
     load_lr_scheduler_states: bool,
-) -> tuple[TrainingCounters, dict[str, Any]]:
-    """Scheduler, loss scale, optimizer and (same layout only) RNG; the counters, client state."""
+) -> tuple[TrainingCounters, dict[str, Any], Any]:
+    """Scheduler, loss scale, optimizer and (same layout only) RNG; the counters, the client
+    state and this rank's data-loader position (same layout only, else None)."""
     states = load_file(os.path.join(tag_dir, ENGINE_STATES), "engine state")
     if states.get("num_layers") != view.table.num_layers:
         raise CheckpointError(
@@ -104,21 +105,25 @@ def _load_training_state(
     ):
         view.lr_scheduler.load_state_dict(states["lr_scheduler"])
     client_state: dict[str, Any] = dict(states.get("client_state") or {})
+    data_state = None
     if states.get("topology") == view.topology:
         mine = load_file(
             os.path.join(tag_dir, rank_file_name(view.global_rank)), "this rank's RNG state"
         )
         set_rng_state(mine["rng"], view.device)
         client_state = dict(mine.get("client_state") or {})
+        data_state = mine.get("data")
     elif view.global_rank == 0:
         logger.warning(
-            "%s was saved with topology %s, now %s: RNG states are not restored (a rank's "
-            "random stream is only meaningful on the same layout)",
+            "%s was saved with topology %s, now %s: RNG states and data-loader positions are "
+            "not restored (a rank's random stream and share of the data are only meaningful "
+            "on the same layout): stagewise's loaders start their epoch afresh, so skip the "
+            "samples already trained on yourself if that matters",
             tag_dir,
             states.get("topology"),
             view.topology,
         )
-    return counters, client_state
+    return counters, client_state, data_state
 
 
 def load_checkpoint(
@@ -135,7 +140,10 @@ def load_checkpoint(
     Every rank must call it. With ``tag=None`` the tag is read from
     ``load_dir/latest``; when that file does not exist nothing is loaded and a
     warning is logged, as DeepSpeed does (so a script can resume when a
-    checkpoint is there and start afresh otherwise).
+    checkpoint is there and start afresh otherwise). A ``load_dir`` that does
+    not exist is an error (DeepSpeed returns ``(None, None)`` there too, which
+    hides a mistyped path). Every file read is checked against the size and
+    SHA-256 that the manifest records.
 
     ``load_module_only=True`` loads the layer weights alone: this is how
     checkpoints written by DeepSpeed or :func:`import_state_dict` are read.
@@ -149,6 +157,11 @@ def load_checkpoint(
             every rank raises when any rank failed, so no rank trains on a half load.
     """
     load_path = os.fspath(load_dir)
+    if not os.path.isdir(load_path):
+        raise CheckpointError(
+            f"checkpoint directory {load_path} does not exist; check the path (a directory "
+            "without a 'latest' file loads nothing, but a missing one is a mistake)"
+        )
     if tag is None:
         tag = read_latest(load_path)
         if tag is None:
@@ -169,6 +182,7 @@ def load_checkpoint(
     error: BaseException | None = None
     client_state: dict[str, Any] = {}
     counters: TrainingCounters | None = None
+    data_state: Any = None
     try:
         if not os.path.isdir(tag_dir):
             raise CheckpointError(
@@ -190,7 +204,7 @@ def load_checkpoint(
                 )
         _load_module(view, tag_dir, load_module_strict)
         if not load_module_only:
-            counters, client_state = _load_training_state(
+            counters, client_state, data_state = _load_training_state(
                 view, tag_dir, load_optimizer_states, load_lr_scheduler_states
             )
         elif os.path.isfile(os.path.join(tag_dir, ENGINE_STATES)):
@@ -210,4 +224,4 @@ def load_checkpoint(
         )
     if view.global_rank == 0:
         logger.info("loaded checkpoint %s", tag_dir)
-    return LoadResult(tag_dir, client_state, counters)
+    return LoadResult(tag_dir, client_state, counters, data_state)

@@ -97,6 +97,8 @@ class CheckpointView:
         device: where collectives' tensors live.
         collectives: the bounded collectives over every rank.
         metadata: JSON-able facts about the model, kept in the manifest.
+        data_state: where this rank's data loader is (a stagewise loader's
+            ``state_dict()``), saved with its RNG state; None when it has none.
         sharded_optimizer: with ZeRO-1, ``optimizer``'s state spread over the replicas:
             saving gathers it into the layer files of an unsharded run, loading gives
             each replica its share (None: ``optimizer`` holds its whole state).
@@ -116,6 +118,7 @@ class CheckpointView:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     collectives: Collectives = field(default_factory=lambda: Collectives(300.0, "rank 0"))
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    data_state: Any = None
     sharded_optimizer: ShardedOptimizer | None = None
 
 
@@ -128,11 +131,13 @@ class LoadResult:
         client_state: the ``client_state`` saved with it (this rank's when the
             topology is unchanged).
         counters: the saved step counters (None when only weights were loaded).
+        data_state: this rank's saved data-loader position (same topology only), or None.
     """
 
     path: str | None
     client_state: dict[str, Any] | None
     counters: TrainingCounters | None = None
+    data_state: Any = None
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from stagewise.config.batch import resolve_batch
-from stagewise.config.keys import STRICT_KEY, check_keys, reports_keys, typed
+from stagewise.config.checkpointing import CheckpointConfig
+from stagewise.config.keys import STRICT_KEY, check_booleans, check_keys, reports_keys, typed
 from stagewise.config.sections import (
     FP16Config,
     OptimizerConfig,
@@ -30,6 +31,7 @@ from stagewise.config.zero import ZeroConfig
 from stagewise.errors import ConfigError
 
 __all__ = [
+    "CheckpointConfig",
     "Config",
     "FP16Config",
     "OptimizerConfig",
@@ -59,6 +61,8 @@ class Config:
     wall_clock_breakdown: bool = False
     # zero_optimization (stage 1: optimizer state sharded over data-parallel replicas).
     zero: ZeroConfig = field(default_factory=ZeroConfig)
+    # Periodic, rotating, asynchronous checkpoints and automatic resume.
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     # Make every key that stagewise does not act on an error (default: a warning).
     strict_config: bool = False
     # The warnings about keys stagewise does not act on (filled by from_dict).
@@ -82,6 +86,7 @@ class Config:
         "dump_state",
         "prescale_gradients",
         "gradient_predivide_factor",
+        "checkpoint",
         STRICT_KEY,
     )
 
@@ -147,19 +152,27 @@ class Config:
         for key in ("bf16", "bfloat16"):
             if key in data:
                 bf16 = check_keys(key, data[key], ["enabled"])
-                out.bf16_enabled = bool(bf16.get("enabled", False))
+                out.bf16_enabled = typed(f"{key}.", "enabled", bf16.get("enabled", False), bool)
         if "fp16" in data:
             out.fp16 = FP16Config(
                 **check_keys("fp16", data["fp16"], [f.name for f in fields(FP16Config)])
             )
+            check_booleans("fp16.", out.fp16)
         if out.fp16.enabled and out.bf16_enabled:
             raise ConfigError("bf16.enabled and fp16.enabled are both true; choose one")
         if "steps_per_print" in data:
             out.steps_per_print = typed("", "steps_per_print", data["steps_per_print"], int)
         if "pipeline" in data:
-            out.pipeline = PipelineConfig.from_dict(dict(data["pipeline"]))
+            out.pipeline = PipelineConfig.from_dict(data["pipeline"])
         if "wall_clock_breakdown" in data:
-            out.wall_clock_breakdown = bool(data["wall_clock_breakdown"])
+            out.wall_clock_breakdown = typed(
+                "", "wall_clock_breakdown", data["wall_clock_breakdown"], bool
+            )
+        for key in ("zero_allow_untested_optimizer", "dump_state", "prescale_gradients"):
+            if key in data:
+                typed("", key, data[key], bool)
+        if "checkpoint" in data:
+            out.checkpoint = CheckpointConfig.from_dict(data["checkpoint"])
         out.zero = ZeroConfig.from_dict(
             data.get("zero_optimization"), data.get("zero_allow_untested_optimizer", False)
         )

@@ -15,13 +15,13 @@ import contextvars
 import difflib
 import functools
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 from stagewise.config.deepspeed_keys import deepspeed_keys, is_harmless
 from stagewise.errors import ConfigError
 
-__all__ = ["STRICT_KEY", "KeyReport", "check_keys", "reports_keys", "typed"]
+__all__ = ["STRICT_KEY", "KeyReport", "check_booleans", "check_keys", "reports_keys", "typed"]
 
 #: The top-level key that makes every key stagewise does not act on an error.
 STRICT_KEY = "strict_config"
@@ -132,9 +132,26 @@ def reports_keys(from_dict: Callable[..., _T]) -> Callable[..., _T]:
 def typed(section: str, key: str, value: Any, kind: type | tuple[type, ...]) -> Any:
     if isinstance(value, bool) and kind in (int, float, (int, float)):
         raise ConfigError(f"config key {section}{key} must be a number, got {value!r}")
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(
+            f"config key {section}{key} must be true or false (a JSON boolean), got {value!r} "
+            f"({type(value).__name__})"
+        )
     if not isinstance(value, kind):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise ConfigError(
             f"config key {section}{key} must be {names}, got {value!r} ({type(value).__name__})"
         )
     return value
+
+
+def check_booleans(section: str, obj: Any) -> None:
+    """Every field of the dataclass ``obj`` annotated ``bool`` holds a bool (None where the
+    annotation allows it): ``"false"`` is an error, never read as true."""
+    for f in fields(obj):
+        kind = str(f.type).replace(" ", "")
+        if kind in ("bool", "bool|None", "None|bool"):
+            value = getattr(obj, f.name)
+            if value is None and kind != "bool":
+                continue
+            typed(section, f.name, value, bool)

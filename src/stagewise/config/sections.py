@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from stagewise.config.keys import check_keys, typed
+from stagewise.config.keys import check_booleans, check_keys, typed
 from stagewise.errors import ConfigError
 from stagewise.schedule.registry import ScheduleChoice
 
@@ -35,6 +35,10 @@ class PipelineConfig:
     # How point-to-point messages are matched: "order" (by issue order alone, as NCCL
     # does; the default everywhere) or "tags" (gloo's tags too, a debugging aid).
     p2p_match: str = "order"
+    # A non-finite loss or gradient norm (fp32, bf16): "error" raises, naming the step,
+    # the stage and the micro-batch; "skip" skips that optimizer step on every rank
+    # alike and counts it in skipped_steps. fp16's loss scaler does its own.
+    nonfinite: str = "error"
     # DeepSpeed splits activations (gradients) over tensor-parallel slices between
     # stages; here they travel whole. True with a model axis is an error; absent
     # (DeepSpeed's default, true) or false: whole, with the same results.
@@ -52,6 +56,11 @@ class PipelineConfig:
     def from_dict(cls, data: dict[str, Any]) -> PipelineConfig:
         out = cls(**check_keys("pipeline", data, [f.name for f in fields(cls)]))
         p = "pipeline."
+        check_booleans(p, out)
+        if typed(p, "nonfinite", out.nonfinite, str) not in ("error", "skip"):
+            raise ConfigError(
+                f"pipeline.nonfinite must be 'error' or 'skip', got {out.nonfinite!r}"
+            )
         typed(p, "schedule", out.schedule, str)
         if out.virtual_stages is not None:
             typed(p, "virtual_stages", out.virtual_stages, int)

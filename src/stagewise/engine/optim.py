@@ -1,8 +1,11 @@
 """The optimizer step: the optimizer and scheduler by name, fp16 loss scaling, the step itself.
 
 ``OptimizerStep`` runs :meth:`Stepper.step`: with fp16, an overflow check over
-every rank (a skipped step halves the loss scale), unscaling, clipping by the
-global norm, the optimizer's step, the scheduler's step, and the counters.
+every rank (a skipped step halves the loss scale); in fp32 and bf16, the
+non-finite check (:mod:`~stagewise.engine.nonfinite`); unscaling, clipping by
+the global norm, the optimizer's step, the scheduler's step, and the counters.
+``global_steps`` counts every batch's step, taken or skipped (as DeepSpeed
+counts it), so it is also the number of batches a resumed script has trained.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from stagewise.checkpoint import TrainingCounters
 from stagewise.collectives import Collectives
 from stagewise.config import Config
 from stagewise.engine.grad_step import GradientReducer
+from stagewise.engine.nonfinite import NonFiniteGuard
 from stagewise.errors import ConfigError
 from stagewise.lr_schedules import build_lr_scheduler
 
@@ -182,6 +186,7 @@ class Stepper:
         device: where the vote's tensor lives.
         weight_store: keeps the linear weight-gradient buffers for the next step.
         linear_weights: the weights whose gradient buffers are kept.
+        nonfinite: the non-finite check of fp32 and bf16 steps (None: no check).
     """
 
     optimizer: Any
@@ -194,6 +199,7 @@ class Stepper:
     device: torch.device
     weight_store: WeightGradStore
     linear_weights: list[torch.Tensor]
+    nonfinite: NonFiniteGuard | None = None
 
     def _overflowed(self, grads: list[torch.Tensor]) -> bool:
         flag = torch.tensor(
@@ -203,15 +209,22 @@ class Stepper:
         self.collectives.all_reduce(flag, "checking fp16 overflow", op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def step(self, *_: Any) -> None:
+    def step(self, _instr: Any = None, batch: Any = None) -> None:
         """Unscale and clip the gradients, step the optimizer and the scheduler."""
         grads = self.reducer.gradients()
         scaler = self.loss_scaler
+        if scaler is None and self.nonfinite is not None:
+            if self.nonfinite.should_skip(batch, grads, self.counters.global_steps + 1):
+                self.counters.skipped_steps += 1
+                self.counters.global_steps += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                return
         if scaler is not None:
             overflow = self._overflowed(grads)
             scaler.update(overflow)
             if overflow:
                 self.counters.skipped_steps += 1
+                self.counters.global_steps += 1
                 self.optimizer.zero_grad(set_to_none=True)
                 logger.info("fp16 overflow: step skipped, loss scale now %g", scaler.scale)
                 return

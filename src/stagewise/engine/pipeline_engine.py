@@ -31,6 +31,7 @@ from stagewise.dist_utils import default_device
 from stagewise.engine.checkpointing import checkpoint_view
 from stagewise.engine.interpreter import Handler, Interpreter
 from stagewise.engine.parts import build_parts, handler_table
+from stagewise.engine.resilience import Resilience
 from stagewise.engine.results import log_progress
 from stagewise.engine.state import BatchState, RunMode, read_micro_batch
 from stagewise.engine.subclass import (
@@ -104,6 +105,7 @@ class PipelineEngine(DeepSpeedHooks):
         if training_data is not None:
             self.training_dataloader = self.deepspeed_io(training_data, collate_fn=collate_fn)
         self._log_timer = time.perf_counter()
+        self.resilience = Resilience(self)  # exit hooks, heartbeat, non-finite check, saver
 
     def _describe_rank(self, rank: int) -> str:
         return f"stage {getattr(self.grid.topology().get_coord(rank), 'pipe', 0)} (rank {rank})"
@@ -111,7 +113,7 @@ class PipelineEngine(DeepSpeedHooks):
     # -- counters (restored by load_checkpoint) ---------------------------------------------
     @property
     def global_steps(self) -> int:
-        """Optimizer steps taken (skipped fp16 steps excluded)."""
+        """Batches trained: optimizer steps, taken or skipped (as DeepSpeed counts them)."""
         return self.parts.counters.global_steps
 
     @property
@@ -220,7 +222,7 @@ class PipelineEngine(DeepSpeedHooks):
                 'or set "optimizer" in the config'
             )
         if data_iter is not None:
-            self.data_iterator = data_iter
+            self.data_iterator = self.resilience.adopt(data_iter)  # a resumed position
         self.module.train()
         mode = RunMode.train(self.micro_batches)
         schedule = self.parts.schedule_factory(self.micro_batches, self.num_stages, self.stage_id)
@@ -231,6 +233,7 @@ class PipelineEngine(DeepSpeedHooks):
             self.config.steps_per_print, self.global_steps, self.global_rank, self.agg_train_loss,
             self.train_batch_size_, self._log_timer,
         )  # fmt: skip
+        self.resilience.after_train_batch()  # checkpoint.every_steps
         return self.agg_train_loss
 
     def eval_batch(
@@ -281,7 +284,8 @@ class PipelineEngine(DeepSpeedHooks):
         data: Iterator[Any] | None,
         factory: ScheduleFactory,
     ) -> BatchState:
-        batch = BatchState(mode, functools.partial(read_micro_batch, data, self.batch_fn))
+        read = functools.partial(read_micro_batch, data, self.batch_fn)
+        batch = BatchState(mode, read, step=self.global_steps + 1 if mode.training else None)
         steps = [list(step) for step in schedule.steps()]
         self.parts.weight_store.clear()
         self.parts.transfers.begin(steps, batch.outputs)
@@ -323,12 +327,13 @@ class PipelineEngine(DeepSpeedHooks):
         client_state: dict[str, Any] | None = None,
         save_latest: bool = True,
     ) -> bool:
-        """Save weights (one file per layer), optimizer and engine state under ``save_dir/tag``.
+        """Save weights (a file per layer), optimizer, engine state and the loader's position;
+        every rank calls it. ``checkpoint.async``: returns once the state is copied."""
+        return self.resilience.save(save_dir, tag, client_state or {}, save_latest)
 
-        Every rank must call it; a crash mid-save leaves the previous one as ``latest``.
-        """
-        view = self.checkpoint_view()
-        return checkpoint.save_checkpoint(view, save_dir, tag, client_state or {}, save_latest)
+    def wait_for_checkpoint(self) -> str | None:
+        """Wait for an asynchronous save in flight (raising its error); the path committed."""
+        return self.resilience.wait()
 
     def load_checkpoint(
         self,
@@ -340,10 +345,5 @@ class PipelineEngine(DeepSpeedHooks):
         load_module_only: bool = False,
     ) -> tuple[str | None, dict[str, Any] | None]:
         """Load a checkpoint saved with any number of stages; returns ``(path, client_state)``."""
-        loaded = checkpoint.load_checkpoint(
-            self.checkpoint_view(), load_dir, tag, load_module_strict, load_optimizer_states,
-            load_lr_scheduler_states, load_module_only,
-        )  # fmt: skip
-        if loaded.counters is not None:
-            self.parts.counters.restore(loaded.counters)
-        return loaded.path, loaded.client_state
+        return self.resilience.load(load_dir, tag, load_module_strict, load_optimizer_states,
+                                    load_lr_scheduler_states, load_module_only)  # fmt: skip

@@ -18,6 +18,11 @@ activation (a fresh buffer) enters the graph through :class:`StageInput`, which
 marks it dirty and hands it back as a non-leaf whose backward captures the
 input gradient; a loaded micro-batch is copied only when it is the caller's own
 tensor (a CPU run, or data already on the device).
+
+Failures name their culprit: a data iterator that runs out says at which
+micro-batch of which step; a layer that cannot take what the previous stage
+sent (a shape mismatch) is found by running the chunk's layers one by one on
+that input, and named with the stage, the input's shapes and what it expects.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from stagewise.backward.linear import DeferredLinear, WeightGradStore
@@ -72,6 +78,28 @@ def _own(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if moved.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
         moved = moved.clone()
     return moved
+
+
+def _shapes(value: Any) -> str:
+    values = value if isinstance(value, tuple) else (value,)
+    shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for v in values]
+    return ", ".join(str(s) for s in shapes)
+
+
+def _expects(func: Any) -> str:
+    """What a layer takes, as far as its type tells."""
+    if isinstance(func, nn.Linear):
+        return f"(..., {func.in_features})"
+    if isinstance(func, nn.LayerNorm):
+        return f"(..., {', '.join(str(d) for d in func.normalized_shape)})"
+    if isinstance(func, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return f"(N, {func.in_channels}, ...)"
+    if isinstance(func, nn.Embedding):
+        return f"integer ids below {func.num_embeddings}"
+    if isinstance(func, nn.Module):
+        for name, param in func.named_parameters():
+            return f"an input that fits its {name} of shape {tuple(param.shape)}"
+    return "another input"
 
 
 class StageExecutor:
@@ -120,7 +148,18 @@ class StageExecutor:
         if role.last and not role.first and instr.micro_batch_id in batch.batches:
             data = batch.batches.pop(instr.micro_batch_id)
         else:
-            data = batch.next_micro_batch()
+            try:
+                data = batch.next_micro_batch()
+            except StopIteration:
+                where = f"step {batch.step}" if batch.step is not None else "this batch"
+                raise PipelineError(
+                    f"the data iterator ran out at micro-batch {batch.read} (counting from 0, "
+                    f"of {batch.mode.micro_batches}) of {where}: each batch reads "
+                    f"{batch.mode.micro_batches} micro-batches (gradient_accumulation_steps) on "
+                    "the first and the last stage; give more data, or wrap a finite loader in "
+                    "stagewise.RepeatingLoader"
+                ) from None
+            batch.read += 1
             if role.first and not role.last and self._holds_both_ends:
                 batch.batches[instr.micro_batch_id] = data
         if role.first:
@@ -170,7 +209,12 @@ class StageExecutor:
             )
         x: Any = inputs[0] if len(inputs) == 1 else inputs
         with self.autocast(), keeping_recomputed(self.splits_backward and mode.training):
-            outputs = self.module(x, chunk_id=instr.chunk_id)
+            try:
+                outputs = self.module(x, chunk_id=instr.chunk_id)
+            except RuntimeError as exc:
+                if self.routes[instr.chunk_id].first:
+                    raise
+                raise self._mismatch(instr.chunk_id, x, exc) from exc
             if last:
                 if mode.compute_loss and self.module.loss_fn is not None:
                     loss = self.module.loss_fn(outputs, batch.labels.pop(key, None))
@@ -194,6 +238,31 @@ class StageExecutor:
                 batch.outputs[key] = loss
         if not mode.training:
             del batch.inputs[key]
+
+    def _mismatch(self, chunk: int, x: Any, exc: RuntimeError) -> Exception:
+        """Run the chunk's layers one by one on a received input to name the one that fails."""
+        ids = self.module.local_layer_ids(chunk)
+        start = sum(len(self.module.local_layer_ids(c)) for c in range(chunk))
+        funcs = self.module.forward_funcs[start : start + len(ids)]
+        channel = self.routes[chunk].recv_activation
+        source = f"stage {channel.peer}" if channel is not None else "the previous stage"
+        stage = self.module.stage_id
+        with torch.no_grad():
+            for position, (idx, func) in enumerate(zip(ids, funcs, strict=True)):
+                try:
+                    y = func(x)
+                except Exception as failure:
+                    name = type(func).__name__ if isinstance(func, nn.Module) else str(func)
+                    which = "its first layer" if position == 0 else "layer"
+                    return PipelineError(
+                        f"stage {stage} cannot run {which} {idx} ({name}) on "
+                        f"{'the activation received from ' + source if position == 0 else 'its input'}"
+                        f": the input has shape {_shapes(x)} but the layer expects "
+                        f"{_expects(func)} ({type(failure).__name__}: {failure}); check that "
+                        f"the layers on both sides of the cut fit"
+                    )
+                x = y
+        return exc
 
     # -- backward -----------------------------------------------------------------------
     def _roots(self, key: Key, batch: BatchState) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -66,6 +66,9 @@ class BatchState:
             chunks (a V), kept for the other end, by micro-batch id.
         losses: per micro-batch, in order: the loss (or output, without a loss).
         logits: per micro-batch, the last stage's output (with ``return_logits``).
+        step: the training step this batch is (``global_steps + 1``), for messages;
+            None when evaluating.
+        read: micro-batches this stage has read from the data so far.
         weight_passes: per key, the parameter gradients its ``I`` left for its ``W``.
         input_edges: per key, where the gradients of the received inputs arrive (the
             split backward's ``I`` differentiates towards them).
@@ -81,6 +84,8 @@ class BatchState:
     batches: dict[int, Any] = field(default_factory=dict)
     losses: list[Any] = field(default_factory=list)
     logits: list[Any] = field(default_factory=list)
+    step: int | None = None
+    read: int = 0
     weight_passes: dict[Key, WeightPass] = field(default_factory=dict)
     input_edges: dict[Key, list[GradientEdge]] = field(default_factory=dict)
 

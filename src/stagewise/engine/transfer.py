@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from stagewise.collectives import wait_bounded
+from stagewise.collectives import peer_failure, wait_bounded
 from stagewise.engine.state import Key
 from stagewise.engine.wire import (
     FLAG_META_FOLLOWS,
@@ -120,16 +120,29 @@ class Links:
             work, self.timeout_s, self.describe(self.rank), f"{what} {self.describe(peer)}"
         )
 
+    def _refused(self, exc: RuntimeError, peer: int, what: str) -> PeerError:
+        """A transfer the transport refused at once (the peer's connection is closed)."""
+        return peer_failure(
+            self.describe(self.rank), f"{what} {self.describe(peer)}", f"failed: {exc}",
+            "the peer has died or closed its connection", self.timeout_s,
+        )  # fmt: skip
+
     def _isend(self, flat: torch.Tensor, dst: int, tag: int, what: str) -> None:
         group = self._group(self.rank, dst)
-        work = dist.isend(flat, dst=dst, group=group, tag=tag if self._use_tags else 0)
+        try:
+            work = dist.isend(flat, dst=dst, group=group, tag=tag if self._use_tags else 0)
+        except RuntimeError as exc:
+            raise self._refused(exc, dst, what) from exc
         self._pending.append((work, flat, dst, what))
         if len(self._pending) > 64:
             self.flush(keep_last=16)
 
     def _irecv(self, flat: torch.Tensor, src: int, tag: int) -> Any:
         group = self._group(src, self.rank)
-        return dist.irecv(flat, src=src, group=group, tag=tag if self._use_tags else 0)
+        try:
+            return dist.irecv(flat, src=src, group=group, tag=tag if self._use_tags else 0)
+        except RuntimeError as exc:
+            raise self._refused(exc, src, "receiving from") from exc
 
     def _recv(self, flat: torch.Tensor, src: int, tag: int, what: str) -> None:
         self._wait(self._irecv(flat, src, tag), src, what)
