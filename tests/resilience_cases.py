@@ -63,7 +63,9 @@ def batch(step: int, nan_at: int | None = None) -> list[tuple[torch.Tensor, torc
     return out
 
 
-def _engine(layers: list[Any], pipeline: dict[str, Any], bf16: bool = False) -> Any:
+def _engine(
+    layers: list[Any], pipeline: dict[str, Any], bf16: bool = False, clip: float = 0.0
+) -> Any:
     module = PipelineModule(
         layers=layers, num_stages=2, loss_fn=nn.functional.cross_entropy, seed_layers=True,
         partition_method="uniform",
@@ -72,7 +74,7 @@ def _engine(layers: list[Any], pipeline: dict[str, Any], bf16: bool = False) -> 
         "train_micro_batch_size_per_gpu": MB,
         "gradient_accumulation_steps": MICRO,
         "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
-        "gradient_clipping": 0.0,
+        "gradient_clipping": clip,
         "pipeline": {"timeout_s": 5, **pipeline},
     }
     if bf16:
@@ -92,11 +94,13 @@ def guarded_cases(rank: int, world_size: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     out["layers"] = _outcome(lambda: _engine(mlp(extra=rank == 1), {}))
 
-    engine = _engine(mlp(), {})
-    engine.train_batch(iter(batch(0)))
-    out["nan_loss"] = _outcome(lambda: engine.train_batch(iter(batch(1, nan_at=1))))
+    for clip, name in ((0.0, "nan_loss"), (1.0, "nan_loss_clipped")):
+        # with clipping the global norm is the check, and the guard's report names the culprit
+        engine = _engine(mlp(), {}, clip=clip)
+        engine.train_batch(iter(batch(0)))
+        out[name] = _outcome(lambda engine=engine: engine.train_batch(iter(batch(1, nan_at=1))))
 
-    engine = _engine(mlp(), {"nonfinite": "skip"}, bf16=True)
+    engine = _engine(mlp(), {"nonfinite": "skip"}, bf16=True, clip=1.0)
     engine.train_batch(iter(batch(0)))
     before = {k: v.clone() for k, v in engine.module.state_dict().items()}
     engine.train_batch(iter(batch(1, nan_at=2)))

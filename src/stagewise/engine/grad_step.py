@@ -147,9 +147,12 @@ class GradientReducer:
             )
         return float(local.sqrt().item())
 
-    def clip(self, max_norm: float) -> float:
-        """Scale every gradient so that the global norm is at most ``max_norm``; the norm."""
-        total = self.global_norm()
+    def clip(self, max_norm: float, total: float | None = None) -> float:
+        """Scale every gradient so that the global norm is at most ``max_norm``; the norm.
+
+        ``total`` is the global norm when the caller has it already.
+        """
+        total = self.global_norm() if total is None else total
         coef = max_norm / (total + 1e-6)
         if coef < 1.0:
             for grad in self.gradients():

@@ -11,6 +11,7 @@ counts it), so it is also the number of batches a resumed script has trained.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,6 +202,12 @@ class Stepper:
     linear_weights: list[torch.Tensor]
     nonfinite: NonFiniteGuard | None = None
 
+    def _skip(self) -> None:
+        """This batch's optimizer step is skipped on every rank (counted, as DeepSpeed does)."""
+        self.counters.skipped_steps += 1
+        self.counters.global_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+
     def _overflowed(self, grads: list[torch.Tensor]) -> bool:
         flag = torch.tensor(
             [0.0 if all(bool(torch.isfinite(g).all()) for g in grads) else 1.0],
@@ -213,25 +220,27 @@ class Stepper:
         """Unscale and clip the gradients, step the optimizer and the scheduler."""
         grads = self.reducer.gradients()
         scaler = self.loss_scaler
-        if scaler is None and self.nonfinite is not None:
-            if self.nonfinite.should_skip(batch, grads, self.counters.global_steps + 1):
-                self.counters.skipped_steps += 1
-                self.counters.global_steps += 1
-                self.optimizer.zero_grad(set_to_none=True)
-                return
         if scaler is not None:
             overflow = self._overflowed(grads)
             scaler.update(overflow)
             if overflow:
-                self.counters.skipped_steps += 1
-                self.counters.global_steps += 1
-                self.optimizer.zero_grad(set_to_none=True)
+                self._skip()
                 logger.info("fp16 overflow: step skipped, loss scale now %g", scaler.scale)
                 return
             for grad in grads:
                 grad.div_(scaler.scale)
-        if self.clipping > 0:
-            self.reducer.clip(self.clipping)
+        norm = self.reducer.global_norm() if self.clipping > 0 else None
+        # The non-finite check of fp32 and bf16 (fp16's is the loss scaler's). With clipping,
+        # the global norm (the same on every rank) is the check: a non-finite loss or gradient
+        # makes it non-finite, and only then does the guard's report (another pass over the
+        # gradients, an all-reduce over every rank) run, to name where and decide.
+        guard = self.nonfinite if scaler is None else None
+        if guard is not None and (norm is None or not math.isfinite(norm)):
+            if guard.should_skip(batch, grads, self.counters.global_steps + 1):
+                self._skip()
+                return
+        if norm is not None:
+            self.reducer.clip(self.clipping, norm)
         self.optimizer.step()
         if self.weight_store.enabled:
             self.weight_store.keep_buffers(self.linear_weights)
