@@ -66,7 +66,7 @@ class _Frame:
         return self, self.count - 1
 
     def _recompute(self) -> list[torch.Tensor | None]:
-        saved: list[torch.Tensor | None] = []
+        saved: list[torch.Tensor] = []
 
         def collect(tensor: torch.Tensor) -> int:
             saved.append(tensor)
@@ -89,14 +89,21 @@ class _Frame:
             stack.enter_context(torch.enable_grad())
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(collect, refuse))
             self.function(*args)
-        if len(saved) != self.count:
+        # The recompute's graph holds ``collect`` (its pack hook), which holds
+        # ``saved``: handing out the list itself would close a cycle through autograd
+        # (tensor -> grad_fn -> hook -> list -> tensor) that no collector sees, and
+        # every micro-batch whose tensors are kept would leak. Detached copies of the
+        # references break it and let the recompute's graph go at once.
+        recomputed: list[torch.Tensor | None] = [t.detach() for t in saved]
+        saved.clear()
+        if len(recomputed) != self.count:
             name = getattr(self.function, "__qualname__", repr(self.function))
             raise PipelineError(
                 f"the checkpointed layers {name} saved {self.count} tensors for the backward "
-                f"in their forward but {len(saved)} when recomputed: they must run the same "
+                f"in their forward but {len(recomputed)} when recomputed: they must run the same "
                 "operations every time (no data-dependent control flow under checkpointing)"
             )
-        return saved
+        return recomputed
 
     def unpack(self, index: int) -> torch.Tensor:
         if self.recomputed is None:
