@@ -1,0 +1,159 @@
+"""What a step costs outside the layers, measured once on this machine (spawned processes).
+
+* :func:`measure_link`: two processes over gloo (loopback here) send tensors of
+  several sizes back and forth; half a round trip is fitted as
+  ``latency + bytes / bandwidth``.
+* :func:`measure_engine`: one process runs the real engine (one stage, 1F1B) on a
+  model whose layer costs almost nothing (``Linear(1, 1)`` twice), at two
+  micro-batch counts; the difference per micro-batch, halved, is the engine's work
+  per compute pass (a forward, a backward), and what is left at zero micro-batches
+  its work per step. These are constants fitted on this machine, not per model:
+  :class:`~stagewise.plan.costs.EngineCosts` records them with the model's costs.
+
+Both run at one torch thread per process, as the pipeline does here.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+import statistics
+import time
+from typing import Any
+
+from stagewise.plan.costs import EngineCosts, Linear
+
+__all__ = ["measure_engine", "measure_link"]
+
+_LINK_SIZES = (8, 1 << 16, 1 << 20, 1 << 22)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _join(rank: int, world: int, port: int) -> Any:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    return dist
+
+
+def _link_worker(rank: int, port: int, repeats: int, out: Any) -> None:
+    import torch
+
+    dist = _join(rank, 2, port)
+    result = []
+    for size in _LINK_SIZES:
+        buf = torch.zeros(max(1, size // 4))
+        times = []
+        for index in range(repeats + 2):
+            start = time.perf_counter()
+            if rank == 0:
+                dist.send(buf, 1)
+                dist.recv(buf, 1)
+            else:
+                dist.recv(buf, 0)
+                dist.send(buf, 0)
+            if index >= 2:
+                times.append((time.perf_counter() - start) / 2)
+        result.append(statistics.median(times))
+    if rank == 0:
+        out.send(result)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _engine_worker(port: int, counts: tuple[int, int], steps: int, out: Any) -> None:
+    import torch
+    from torch import nn
+
+    import stagewise
+    from stagewise.spec import LayerSpec
+
+    dist = _join(0, 1, port)
+    times = []
+    for count in counts:
+        model = stagewise.PipelineModule(
+            layers=[LayerSpec(nn.Linear, 1, 1), LayerSpec(nn.Linear, 1, 1)],
+            num_stages=1,
+            loss_fn=lambda a, b: ((a - b) ** 2).mean(),
+        )
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+        engine, _, _, _ = stagewise.initialize(
+            model=model,
+            optimizer=optimizer,
+            config={
+                "train_micro_batch_size_per_gpu": 1,
+                "gradient_accumulation_steps": count,
+                "gradient_clipping": 0.0,
+                "steps_per_print": 10**9,
+            },
+        )
+        batch = (torch.ones(1, 1), torch.ones(1, 1))
+
+        def data() -> Any:
+            while True:
+                yield batch
+
+        it = data()
+        for _ in range(3):
+            engine.train_batch(it)
+        samples = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            engine.train_batch(it)
+            samples.append(time.perf_counter() - start)
+        times.append(statistics.median(samples))
+    out.send(times)
+    dist.destroy_process_group()
+
+
+def _spawn(target: Any, args_of: list[tuple[Any, ...]], timeout_s: float) -> Any:
+    ctx = mp.get_context("spawn")
+    reader, writer = ctx.Pipe(duplex=False)
+    procs = [ctx.Process(target=target, args=(*args, writer)) for args in args_of]
+    for proc in procs:
+        proc.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not reader.poll(0.2):
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a calibration process failed (exit code {dead[0]})")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"calibration did not answer within {timeout_s:.0f} s")
+        return reader.recv()
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+
+
+def measure_link(repeats: int = 20, timeout_s: float = 120.0) -> tuple[float, float]:
+    """``(latency s, bandwidth bytes/s)`` between two processes over gloo on this machine."""
+    port = _free_port()
+    times = _spawn(_link_worker, [(0, port, repeats), (1, port, repeats)], timeout_s)
+    line = Linear.fit(list(_LINK_SIZES), times)
+    bandwidth = 1.0 / line.slope if line.slope > 0 else 1e12
+    return max(0.0, line.intercept), bandwidth
+
+
+def measure_engine(
+    counts: tuple[int, int] = (4, 32), steps: int = 15, link: tuple[float, float] | None = None,
+    timeout_s: float = 180.0,
+) -> EngineCosts:
+    """The engine's work per pass and per step (see the module doc), and the link's costs."""
+    low, high = counts
+    t_low, t_high = _spawn(_engine_worker, [(_free_port(), counts, steps)], timeout_s)
+    per_micro_batch = max(0.0, (t_high - t_low) / (high - low))
+    per_step = max(0.0, t_low - low * per_micro_batch)
+    latency, bandwidth = link if link is not None else measure_link()
+    return EngineCosts(
+        per_pass=per_micro_batch / 2, per_step=per_step, latency=latency, bandwidth=bandwidth
+    )
