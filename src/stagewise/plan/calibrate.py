@@ -7,7 +7,11 @@
   model whose layer costs almost nothing (``Linear(1, 1)`` twice), at two
   micro-batch counts; the difference per micro-batch, halved, is the engine's work
   per compute pass (a forward, a backward), and what is left at zero micro-batches
-  its work per step. These are constants fitted on this machine, not per model:
+  its work per step;
+* :func:`measure_link` also times a 2-process all-reduce, and a small computation
+  alone and while the other process runs it too: on a CPU the "devices" share
+  cores' caches and memory bus, and the ratio (``concurrency``) scales the
+  profiled pass times of candidates that keep several devices busy. These are constants fitted on this machine, not per model:
   :class:`~stagewise.plan.costs.EngineCosts` records them with the model's costs.
 
 Both run at one torch thread per process, as the pipeline does here.
@@ -26,6 +30,7 @@ from stagewise.plan.costs import EngineCosts, Linear
 __all__ = ["measure_engine", "measure_link"]
 
 _LINK_SIZES = (8, 1 << 16, 1 << 20, 1 << 22)
+_REDUCE_SIZES = (1 << 20, 1 << 24)
 
 
 def _free_port() -> int:
@@ -62,10 +67,40 @@ def _link_worker(rank: int, port: int, repeats: int, out: Any) -> None:
             if index >= 2:
                 times.append((time.perf_counter() - start) / 2)
         result.append(statistics.median(times))
+    for size in _REDUCE_SIZES:
+        buf = torch.ones(size // 4)
+        times = []
+        for index in range(max(3, repeats // 4) + 1):
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(buf)
+            if index:
+                times.append(time.perf_counter() - start)
+        result.append(statistics.median(times))
+    dist.barrier()
+    result.append(_busy_loop(repeats))  # both processes computing at once
+    if rank == 0:
+        result.append(_busy_loop(repeats))  # rank 0 alone (rank 1 waits in the barrier)
+    dist.barrier()
     if rank == 0:
         out.send(result)
-    dist.barrier()
     dist.destroy_process_group()
+
+
+def _busy_loop(repeats: int) -> float:
+    """Median seconds of a small training-like computation (matmuls, their gradients)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(512, 512, generator=gen, requires_grad=True)
+    x = torch.randn(64, 512, generator=gen)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(4):
+            (torch.relu(x @ weight) @ weight).sum().backward()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _engine_worker(port: int, counts: tuple[int, int], steps: int, out: Any) -> None:
@@ -135,17 +170,30 @@ def _spawn(target: Any, args_of: list[tuple[Any, ...]], timeout_s: float) -> Any
                 proc.kill()
 
 
-def measure_link(repeats: int = 20, timeout_s: float = 120.0) -> tuple[float, float]:
-    """``(latency s, bandwidth bytes/s)`` between two processes over gloo on this machine."""
+def measure_link(repeats: int = 20, timeout_s: float = 120.0) -> dict[str, float]:
+    """Two processes over gloo on this machine: the link and how they share the cores.
+
+    Returns ``latency`` (s per message), ``bandwidth`` (bytes/s, point to point),
+    ``reduce_bandwidth`` (bytes of buffer per second of a 2-process all-reduce) and
+    ``concurrency`` (how much slower a computation runs while the other process
+    computes too, >= 1).
+    """
     port = _free_port()
     times = _spawn(_link_worker, [(0, port, repeats), (1, port, repeats)], timeout_s)
-    line = Linear.fit(list(_LINK_SIZES), times)
-    bandwidth = 1.0 / line.slope if line.slope > 0 else 1e12
-    return max(0.0, line.intercept), bandwidth
+    count = len(_LINK_SIZES)
+    line = Linear.fit(list(_LINK_SIZES), times[:count])
+    reduce = Linear.fit(list(_REDUCE_SIZES), times[count : count + len(_REDUCE_SIZES)])
+    both, alone = times[-2], times[-1]
+    return {
+        "latency": max(0.0, line.intercept),
+        "bandwidth": 1.0 / line.slope if line.slope > 0 else 1e12,
+        "reduce_bandwidth": 1.0 / reduce.slope if reduce.slope > 0 else 1e12,
+        "concurrency": max(1.0, both / alone),
+    }
 
 
 def measure_engine(
-    counts: tuple[int, int] = (4, 32), steps: int = 15, link: tuple[float, float] | None = None,
+    counts: tuple[int, int] = (4, 32), steps: int = 15, link: dict[str, float] | None = None,
     timeout_s: float = 180.0,
 ) -> EngineCosts:
     """The engine's work per pass and per step (see the module doc), and the link's costs."""
@@ -153,7 +201,6 @@ def measure_engine(
     t_low, t_high = _spawn(_engine_worker, [(_free_port(), counts, steps)], timeout_s)
     per_micro_batch = max(0.0, (t_high - t_low) / (high - low))
     per_step = max(0.0, t_low - low * per_micro_batch)
-    latency, bandwidth = link if link is not None else measure_link()
     return EngineCosts(
-        per_pass=per_micro_batch / 2, per_step=per_step, latency=latency, bandwidth=bandwidth
+        per_pass=per_micro_batch / 2, per_step=per_step, **(link or measure_link())
     )

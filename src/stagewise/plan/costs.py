@@ -132,12 +132,17 @@ class EngineCosts:
             loss all-reduce, the end-of-batch synchronisation).
         latency: seconds per message between two devices.
         bandwidth: bytes per second between two devices.
+        reduce_bandwidth: bytes of buffer per second of an all-reduce over two devices.
+        concurrency: how much slower the profiled passes run while every device
+            computes at once (>= 1; CPU "devices" share caches and memory bandwidth).
     """
 
     per_pass: float = 0.0
     per_step: float = 0.0
     latency: float = 0.0
     bandwidth: float = 1e9
+    reduce_bandwidth: float = 1e9
+    concurrency: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -234,6 +239,8 @@ class ModelCosts:
             per_step=self.engine.per_step * f,
             latency=self.engine.latency if latency is None else latency,
             bandwidth=self.engine.bandwidth if bandwidth is None else bandwidth,
+            reduce_bandwidth=self.engine.reduce_bandwidth if bandwidth is None else bandwidth,
+            concurrency=self.engine.concurrency,
         )
         device = self.device if speed == 1 else f"{self.device} x{speed:g} speed"
         return replace(

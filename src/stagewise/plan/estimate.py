@@ -6,6 +6,9 @@ The model of a step, every term from :class:`~stagewise.plan.costs.ModelCosts`:
   partition (:func:`~stagewise.partition.partition_balanced`) of each layer's
   forward + backward time at the candidate's micro-batch size (with the
   recompute's forward under checkpointing, and the loss on the last layer);
+* when more than one device computes, pass times are multiplied by the measured
+  ``engine.concurrency`` (how much slower a pass runs while the other devices
+  compute too: 1 for devices that share nothing);
 * each virtual stage's forward, input-gradient and weight-gradient times are the
   sums over its layers, plus the engine's measured work per pass
   (``engine.per_pass``: a forward pays it, a whole backward pays it once, split
@@ -15,8 +18,8 @@ The model of a step, every term from :class:`~stagewise.plan.costs.ModelCosts`:
   layer output crossing it (0 between two chunks on one device);
 * the schedule's program is simulated (:func:`~stagewise.schedule.simulate.simulate`);
   each stage then reduces its tied gradients (an all-reduce of the tied bytes
-  between the stages holding them), its data-parallel gradients (a ring
-  all-reduce: ``2 (dp - 1) / dp`` of its gradient bytes) and runs the optimizer
+  between the stages holding them), its data-parallel gradients (an all-reduce
+  of its gradient bytes, at the measured all-reduce bandwidth) and runs the optimizer
   step (seconds per parameter byte): the step ends when the last stage is done,
   plus ``engine.per_step``;
 * a stage's peak memory: parameters, their gradients and the optimizer's state
@@ -99,9 +102,10 @@ def estimate(costs: ModelCosts, candidate: Candidate, *, global_batch: int | Non
         if v == candidate.virtual_stages - 1:
             f += costs.loss_forward.at(rows)
             i += costs.loss_backward.at(rows)
-        forward.append(f + engine.per_pass)
-        grad_in.append(i + engine.per_pass / 2)
-        grad_w.append(w + engine.per_pass / 2)
+        slow = engine.concurrency if candidate.stages * candidate.data_parallel > 1 else 1.0
+        forward.append(f * slow + engine.per_pass)
+        grad_in.append(i * slow + engine.per_pass / 2)
+        grad_w.append(w * slow + engine.per_pass / 2)
         first = bounds[v]
         entry = costs.input_bytes.at(rows) if first == 0 else costs.layers[first - 1].output_bytes.at(rows)
         kept.append(entry)
@@ -129,7 +133,7 @@ def estimate(costs: ModelCosts, candidate: Candidate, *, global_batch: int | Non
     for stage in range(candidate.stages):
         after = params[stage] * costs.optimizer_seconds_per_byte
         if dp > 1:
-            after += 2 * (dp - 1) / dp * params[stage] / engine.bandwidth + 2 * (dp - 1) * engine.latency
+            after += params[stage] / engine.reduce_bandwidth + 2 * (dp - 1) * engine.latency
         after += tied[stage]
         ends.append(finish[stage] + after)
     step = max(ends) + engine.per_step
@@ -171,7 +175,7 @@ def _stage_params(
     for key, stages_holding in holders.items():
         n = len(stages_holding)
         if n > 1:
-            seconds = 2 * (n - 1) / n * tied_bytes[key] / engine.bandwidth + engine.latency
+            seconds = tied_bytes[key] / engine.reduce_bandwidth + engine.latency
             for stage in stages_holding:
                 tied[stage] += seconds
     return params, tied
