@@ -35,7 +35,7 @@ import socket
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from workloads import WORKLOADS  # noqa: E402
+from workloads import WORKLOADS
 
-from stagewise.models.gpt import DEMO_CONFIG, GPTConfig, gpt_layer_specs, gpt_loss  # noqa: E402
+from stagewise.models.gpt import DEMO_CONFIG, GPTConfig, gpt_layer_specs, gpt_loss
 
 TIME_GOAL = 0.15
 PICK_GOAL = 0.05
@@ -91,7 +91,9 @@ MODELS = [
 
 
 # -- the real engine, on 2 ranks ---------------------------------------------------------
-def _worker(rank: int, port: int, model: Model, jobs: list[dict[str, Any]], args: Any, out: Any) -> None:
+def _worker(
+    rank: int, port: int, model: Model, jobs: list[dict[str, Any]], args: Any, out: Any
+) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch.distributed as dist
 
@@ -107,7 +109,9 @@ def _worker(rank: int, port: int, model: Model, jobs: list[dict[str, Any]], args
         optimizer = torch.optim.SGD(module.parameters(), lr=1e-4)
         config = dict(job["config"], gradient_clipping=0.0, steps_per_print=10**9)
         engine, _, _, _ = stagewise.initialize(model=module, optimizer=optimizer, config=config)
-        data = [model.batch(job["config"]["train_micro_batch_size_per_gpu"], seed=i) for i in range(4)]
+        data = [
+            model.batch(job["config"]["train_micro_batch_size_per_gpu"], seed=i) for i in range(4)
+        ]
 
         def cycle(data: list[Any] = data) -> Any:
             while True:
@@ -116,7 +120,7 @@ def _worker(rank: int, port: int, model: Model, jobs: list[dict[str, Any]], args
         it = cycle()
         steps_of.append(lambda engine=engine, it=it: engine.train_batch(it))
     durations: list[list[float]] = [[] for _ in jobs]
-    for index, step in enumerate(steps_of):
+    for step in steps_of:
         for _ in range(args.warmup):
             step()
     for r in range(args.rounds):
@@ -136,7 +140,10 @@ def _worker(rank: int, port: int, model: Model, jobs: list[dict[str, Any]], args
     dist.all_gather_object(gathered, durations)
     if rank == 0:
         out.send(
-            [statistics.median(max(a, b) for a, b in zip(x, y, strict=True)) for x, y in zip(*gathered, strict=True)]
+            [
+                statistics.median(max(a, b) for a, b in zip(x, y, strict=True))
+                for x, y in zip(*gathered, strict=True)
+            ]
         )
     dist.barrier()
     dist.destroy_process_group()
@@ -174,7 +181,11 @@ def _others(plans: list[Any]) -> list[Any]:
             break
     for plan in plans[1:]:
         c = plan.candidate
-        if all(c.schedule != o.candidate.schedule and c.micro_batch_size != o.candidate.micro_batch_size for o in chosen):
+        if all(
+            c.schedule != o.candidate.schedule
+            and c.micro_batch_size != o.candidate.micro_batch_size
+            for o in chosen
+        ):
             chosen.append(plan)
             break
     return chosen
@@ -190,7 +201,11 @@ def simulate_big() -> float:
     start = time.perf_counter()
     program = schedule_program(schedule_factory("1f1b"), 2048, 256)
     check_program(program)
-    simulate(program, Costs(forward=1.0, backward_input=1.0, backward_weight=1.0, send=0.1), record_events=False)
+    simulate(
+        program,
+        Costs(forward=1.0, backward_input=1.0, backward_weight=1.0, send=0.1),
+        record_events=False,
+    )
     return time.perf_counter() - start
 
 
@@ -228,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
             costs.save(Path(args.costs_dir) / f"{model.name}.json")
         result = search(costs, devices=2, global_batch=model.global_batch, layers=model.specs())
         chosen = _others(result.fitting)
-        jobs = [{"module": module_arguments(p), "config": plan_config(p, model.global_batch)} for p in chosen]
+        jobs = [
+            {"module": module_arguments(p), "config": plan_config(p, model.global_batch)}
+            for p in chosen
+        ]
         measured = measure(model, jobs, args)
         fastest = min(measured)
         print(f"\n{model.name}: {len(result.plans)} candidates, global batch {model.global_batch}")
@@ -245,11 +263,15 @@ def main(argv: list[str] | None = None) -> int:
             )
         slack = measured[0] / fastest - 1
         failures += slack > PICK_GOAL
-        print(f"  the pick measures {100 * slack:.1f}% over the fastest measured ({'ok' if slack <= PICK_GOAL else 'OVER 5%'})")
+        print(
+            f"  the pick measures {100 * slack:.1f}% over the fastest measured ({'ok' if slack <= PICK_GOAL else 'OVER 5%'})"
+        )
     seconds = simulate_big()
     failures += seconds > SIM_GOAL_S
-    print(f"\n1F1B 256 stages x 2048 micro-batches: generated, checked, simulated in {seconds:.2f} s "
-          f"({'ok' if seconds <= SIM_GOAL_S else 'OVER 2 s'})")
+    print(
+        f"\n1F1B 256 stages x 2048 micro-batches: generated, checked, simulated in {seconds:.2f} s "
+        f"({'ok' if seconds <= SIM_GOAL_S else 'OVER 2 s'})"
+    )
     print(f"load average after: {os.getloadavg()}")
     return 1 if failures else 0
 

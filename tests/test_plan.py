@@ -160,7 +160,12 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--costs", str(path), "--devices", "0", "--global-batch", "16"]) == 2
     assert "devices must be" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text("{}")
-    assert main(["plan", "--costs", str(tmp_path / "bad.json"), "--devices", "2", "--global-batch", "4"]) == 2
+    assert (
+        main(
+            ["plan", "--costs", str(tmp_path / "bad.json"), "--devices", "2", "--global-batch", "4"]
+        )
+        == 2
+    )
     assert "not a stagewise costs file" in capsys.readouterr().err
 
 

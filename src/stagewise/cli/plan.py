@@ -49,20 +49,38 @@ def _int(text: str) -> int:
 
 def build_parser(prog: str = "stagewise plan") -> argparse.ArgumentParser:
     """The argument parser of ``stagewise plan``."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--costs", required=True, metavar="FILE", help="the model's costs file (JSON)")
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    parser.add_argument(
+        "--costs", required=True, metavar="FILE", help="the model's costs file (JSON)"
+    )
     parser.add_argument("--devices", type=_int, required=True, help="devices in all")
     parser.add_argument("--global-batch", type=_int, required=True, help="rows per training step")
-    parser.add_argument("--memory", metavar="SIZE", help="budget per device, e.g. 2GiB (default: none)")
-    parser.add_argument("--schedules", help=f"comma-separated subset of {', '.join(schedule_names())}")
-    parser.add_argument("--micro-batch-sizes", help="comma-separated sizes (default: every divisor)")
-    parser.add_argument("--no-checkpointing", action="store_true", help="never checkpoint activations")
-    parser.add_argument("--speed", type=float, default=1.0, help="target device speed / profiled one")
+    parser.add_argument(
+        "--memory", metavar="SIZE", help="budget per device, e.g. 2GiB (default: none)"
+    )
+    parser.add_argument(
+        "--schedules", help=f"comma-separated subset of {', '.join(schedule_names())}"
+    )
+    parser.add_argument(
+        "--micro-batch-sizes", help="comma-separated sizes (default: every divisor)"
+    )
+    parser.add_argument(
+        "--no-checkpointing", action="store_true", help="never checkpoint activations"
+    )
+    parser.add_argument(
+        "--speed", type=float, default=1.0, help="target device speed / profiled one"
+    )
     parser.add_argument("--bandwidth", type=float, help="link bytes/s between devices")
     parser.add_argument("--latency", type=float, help="link seconds per message")
-    parser.add_argument("--layers", metavar="MODULE:FUNCTION", help="check the costs are of this model")
+    parser.add_argument(
+        "--layers", metavar="MODULE:FUNCTION", help="check the costs are of this model"
+    )
     parser.add_argument("--top", type=_int, default=10, help="rows of the table (default 10)")
-    parser.add_argument("--config-out", metavar="FILE", help="write the winner's config and module arguments")
+    parser.add_argument(
+        "--config-out", metavar="FILE", help="write the winner's config and module arguments"
+    )
     parser.add_argument("--png", metavar="FILE", help="draw the winner's simulated timeline")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return parser
@@ -100,7 +118,10 @@ def plan_main(argv: Sequence[str] | None = None) -> int:
         print(f"stagewise plan: {error}", file=sys.stderr)
         return 2
     best = result.best
-    winner = {"config": plan_config(best, args.global_batch), "pipeline_module": module_arguments(best)}
+    winner = {
+        "config": plan_config(best, args.global_batch),
+        "pipeline_module": module_arguments(best),
+    }
     if args.config_out:
         Path(args.config_out).write_text(json.dumps(winner, indent=1) + "\n")
     if args.png:
@@ -115,7 +136,9 @@ def plan_main(argv: Sequence[str] | None = None) -> int:
             print(f"stagewise plan: {error}", file=sys.stderr)
             return 2
     if args.json:
-        print(json.dumps({"plans": [p.to_dict() for p in result.plans[: args.top]], "winner": winner}))
+        print(
+            json.dumps({"plans": [p.to_dict() for p in result.plans[: args.top]], "winner": winner})
+        )
         return 0
     print(plan_table(result, args.top))
     print(f"\nwinner: {best.candidate.label}")

@@ -44,7 +44,9 @@ def _join(rank: int, world: int, port: int) -> Any:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     return dist
 
 
@@ -131,7 +133,7 @@ def _engine_worker(port: int, counts: tuple[int, int], steps: int, out: Any) -> 
         )
         batch = (torch.ones(1, 1), torch.ones(1, 1))
 
-        def data() -> Any:
+        def data(batch: Any = batch) -> Any:
             while True:
                 yield batch
 
@@ -193,7 +195,9 @@ def measure_link(repeats: int = 20, timeout_s: float = 120.0) -> dict[str, float
 
 
 def measure_engine(
-    counts: tuple[int, int] = (4, 32), steps: int = 15, link: dict[str, float] | None = None,
+    counts: tuple[int, int] = (4, 32),
+    steps: int = 15,
+    link: dict[str, float] | None = None,
     timeout_s: float = 180.0,
 ) -> EngineCosts:
     """The engine's work per pass and per step (see the module doc), and the link's costs."""
@@ -201,6 +205,4 @@ def measure_engine(
     t_low, t_high = _spawn(_engine_worker, [(_free_port(), counts, steps)], timeout_s)
     per_micro_batch = max(0.0, (t_high - t_low) / (high - low))
     per_step = max(0.0, t_low - low * per_micro_batch)
-    return EngineCosts(
-        per_pass=per_micro_batch / 2, per_step=per_step, **(link or measure_link())
-    )
+    return EngineCosts(per_pass=per_micro_batch / 2, per_step=per_step, **(link or measure_link()))

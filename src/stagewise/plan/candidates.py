@@ -121,7 +121,9 @@ def enumerate_candidates(
             "(GPUs, or processes on a CPU) the step runs on"
         )
     if not isinstance(global_batch, int) or global_batch < 1:
-        raise PlanError(f"the global batch must be an integer >= 1 (rows per step), got {global_batch!r}")
+        raise PlanError(
+            f"the global batch must be an integer >= 1 (rows per step), got {global_batch!r}"
+        )
     names = list(schedules) if schedules is not None else schedule_names()
     stage_counts = sorted(set(stages)) if stages is not None else divisors(devices)
     sizes = sorted(set(micro_batch_sizes)) if micro_batch_sizes is not None else None
@@ -144,9 +146,7 @@ def enumerate_candidates(
             for name in names:
                 layout = schedule_layout(name, None, count)
                 if count * layout.chunks > num_layers:
-                    reasons.append(
-                        f"{name} on {count} stages needs {count * layout.chunks} layers"
-                    )
+                    reasons.append(f"{name} on {count} stages needs {count * layout.chunks} layers")
                     continue
                 why = _builds(name, micro, count)
                 if why is not None:
@@ -155,9 +155,15 @@ def enumerate_candidates(
                 for ckpt in checkpointing:
                     out.append(
                         Candidate(
-                            count, dp, layout_name(name), layout.chunks, layout.kind.value,
-                            size, micro, bool(ckpt),
-                        )  # fmt: skip
+                            count,
+                            dp,
+                            layout_name(name),
+                            layout.chunks,
+                            layout.kind.value,
+                            size,
+                            micro,
+                            bool(ckpt),
+                        )
                     )
     if not out:
         shown = "; ".join(dict.fromkeys(reasons)) or "no sizes given"

@@ -309,7 +309,9 @@ class ModelCosts:
                     activation_bytes=Linear.from_json(
                         item["activation_bytes"], f"layers[{i}].activation_bytes"
                     ),
-                    output_bytes=Linear.from_json(item["output_bytes"], f"layers[{i}].output_bytes"),
+                    output_bytes=Linear.from_json(
+                        item["output_bytes"], f"layers[{i}].output_bytes"
+                    ),
                     param_bytes=int(item["param_bytes"]),
                     tied_key=item.get("tied_key"),
                     tied_bytes=int(item.get("tied_bytes", 0)),

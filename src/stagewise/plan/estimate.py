@@ -79,7 +79,9 @@ def _device_of(placement: Placement) -> list[int]:
     return [placement.locate(v)[0] for v in range(placement.num_virtual_stages)]
 
 
-def estimate(costs: ModelCosts, candidate: Candidate, *, global_batch: int | None = None) -> Estimate:
+def estimate(
+    costs: ModelCosts, candidate: Candidate, *, global_batch: int | None = None
+) -> Estimate:
     """Simulate ``candidate`` with ``costs`` (the model is in the module doc).
 
     Raises:
@@ -107,7 +109,11 @@ def estimate(costs: ModelCosts, candidate: Candidate, *, global_batch: int | Non
         grad_in.append(i * slow + engine.per_pass / 2)
         grad_w.append(w * slow + engine.per_pass / 2)
         first = bounds[v]
-        entry = costs.input_bytes.at(rows) if first == 0 else costs.layers[first - 1].output_bytes.at(rows)
+        entry = (
+            costs.input_bytes.at(rows)
+            if first == 0
+            else costs.layers[first - 1].output_bytes.at(rows)
+        )
         kept.append(entry)
         made.append(entry + sum(layer.activation_bytes.at(rows) for layer in layers))
         if v + 1 < candidate.virtual_stages:
@@ -187,4 +193,3 @@ def _finish_times(sim: SimResult, stages: int) -> list[float]:
     for event in sim.events:
         finish[event.rank] = max(finish[event.rank], event.end)
     return finish
-

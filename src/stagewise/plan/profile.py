@@ -21,6 +21,7 @@ timed the same way. Each value is then fitted as ``intercept + slope * rows``
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 import time
@@ -280,7 +281,7 @@ def _profile(
                 return loss_fn(head, labels)
 
             loss_f.append(_median_time(loss_forward, warmup, repeats))
-            loss_run = _LayerRun(lambda h, labels=labels: loss_fn(h, labels), None, head)
+            loss_run = _LayerRun(functools.partial(_loss_of, loss_fn, labels), None, head)
             loss_b.append(_time_backward(loss_run.grad(loss_run.inputs), warmup, repeats))
 
     result = []
@@ -317,6 +318,10 @@ def _profile(
         device="cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         threads=threads,
     )
+
+
+def _loss_of(loss_fn: Callable[[Any, Any], torch.Tensor], labels: Any, head: Any) -> torch.Tensor:
+    return loss_fn(head, labels)
 
 
 def _optimizer_seconds_per_byte(model: nn.Module, name: str, warmup: int, repeats: int) -> float:

@@ -17,7 +17,9 @@ def plan_table(result: SearchResult, top: int = 10) -> str:
     )
     lines = [head, "-" * len(head)]
     fitting = result.fitting[:top]
-    over = sorted((p for p in result.plans if not p.fits), key=lambda p: p.over_by)[: max(3, top // 3)]
+    over = sorted((p for p in result.plans if not p.fits), key=lambda p: p.over_by)[
+        : max(3, top // 3)
+    ]
     for rank, plan in enumerate([*fitting, *over], start=1):
         c, e = plan.candidate, plan.estimate
         peaks = "/".join(f"{m / MIB:.1f}" for m in e.peak_memory)
@@ -31,7 +33,11 @@ def plan_table(result: SearchResult, top: int = 10) -> str:
     total = len(result.plans)
     lines.append(
         f"{total} candidates, {len(result.fitting)} fit"
-        + ("" if result.budget is None else f" the budget of {result.budget / MIB:.1f} MiB per device")
+        + (
+            ""
+            if result.budget is None
+            else f" the budget of {result.budget / MIB:.1f} MiB per device"
+        )
     )
     return "\n".join(lines)
 
