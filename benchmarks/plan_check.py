@@ -35,7 +35,7 @@ import socket
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from stagewise.plan import module_arguments, plan_config, profile, search
-    from stagewise.plan.calibrate import measure_engine
+    from stagewise.plan.calibrate import measure_engine, measure_link
 
     print(f"load average before: {os.getloadavg()}")
     engine = measure_engine()
@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     for model in MODELS:
         if model.name not in args.models.split(","):
             continue
+        # the link and the slowdown of two busy processes, as the machine is now
+        engine = replace(engine, **measure_link())
         x, y = model.batch(model.profile_sizes[-1])
         costs = profile(
             model.specs(), x, sample_labels=y, loss_fn=model.loss_fn(),
@@ -249,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         ]
         measured = measure(model, jobs, args)
         fastest = min(measured)
-        print(f"\n{model.name}: {len(result.plans)} candidates, global batch {model.global_batch}")
+        print(
+            f"\n{model.name}: {len(result.plans)} candidates, global batch {model.global_batch}; "
+            f"2 busy processes compute {engine.concurrency:.2f}x slower, load {os.getloadavg()[0]:.2f}"
+        )
         print(f"  {'candidate':<34} {'planned ms':>10} {'measured ms':>11} {'error':>7}")
         for index, (plan, real) in enumerate(zip(chosen, measured, strict=True)):
             planned = plan.estimate.step_time

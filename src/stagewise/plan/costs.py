@@ -154,7 +154,8 @@ class ModelCosts:
         input_bytes: bytes of the model's input (the first layer's).
         loss_forward, loss_backward: seconds of the loss and its gradient.
         optimizer: the optimizer timed (``"sgd"``, ``"adamw"``...).
-        optimizer_seconds_per_byte: seconds of its step per byte of parameters.
+        optimizer_seconds_per_byte: seconds of its step per byte of parameters (with
+            the engine's non-finite check: a norm over the gradients).
         optimizer_state_factor: optimizer state bytes per parameter byte (0 for plain
             SGD, 2 for Adam's two moments).
         engine: the step's costs outside the passes.

@@ -3,18 +3,22 @@
 Every layer is built as the pipeline builds it (same seeds, tied layers sharing
 one module) and run on the output of the layer before it, at each micro-batch
 size asked for (the sample input's rows repeated or cut along dimension 0). For
-each layer and size, after ``warmup`` untimed runs, the median of ``repeats``:
+each layer and size, after ``warmup`` untimed sweeps over the model, the median
+of ``repeats`` sweeps (a sweep runs all layers, so no layer is timed with its
+weights left warm in the cache by its own run just before):
 
-* the forward (autograd recording, as in training);
-* the whole backward (``torch.autograd.grad`` with respect to the input and the
-  parameters), and the input-gradient half alone (with respect to the input only):
-  the weight-gradient half is the difference;
+* the forward (autograd recording, as in training), every layer in model order;
+* the whole backward (``torch.autograd.backward`` into the input's and the
+  parameters' ``.grad``, accumulating as the engine does), every layer in reverse
+  order, and the input-gradient half alone (into the input only): the
+  weight-gradient half is the difference;
 * the bytes the forward saves for the backward (``saved_tensors_hooks``: each
   storage once, parameters and the layer's own input left out unless the layer
   before did not keep it), and the bytes of the output.
 
-The loss (forward and gradient) and one optimizer step over all parameters are
-timed the same way. Each value is then fitted as ``intercept + slope * rows``
+The loss (forward and gradient) is timed as a last layer; one optimizer step
+over all parameters, with the norm over the gradients that the engine's
+non-finite check takes every step, is timed per parameter byte. Each value is then fitted as ``intercept + slope * rows``
 (:class:`~stagewise.plan.costs.Linear`). Profiling runs at ``threads`` torch threads
 (1 by default: one thread per rank, as the pipeline runs here).
 """
@@ -127,36 +131,81 @@ class _LayerRun:
 
     def __init__(self, func: Callable[[Any], Any], module: nn.Module | None, x: Any) -> None:
         self.func, self.x = func, _detach(x)
-        self.params = [p for p in (module.parameters() if module else ()) if p.requires_grad]
+        self.params: list[torch.Tensor] = [
+            p for p in (module.parameters() if module else ()) if p.requires_grad
+        ]
         self.inputs = [t for t in _tensors(self.x) if t.requires_grad]
 
     def forward(self) -> Any:
         return self.func(self.x)
 
-    def grad(self, wrt: list[torch.Tensor]) -> Callable[[], Any]:
-        def run() -> Any:
-            outs = [t for t in _tensors(self.forward()) if t.requires_grad]
-            if not outs or not wrt:
-                return None
-            grads = [torch.ones_like(t) for t in outs]
+
+def _saved_bytes(run: _LayerRun, kept_output: bool) -> tuple[Any, int, bool]:
+    """One forward under ``saved_tensors_hooks``: its output, the bytes it keeps for the
+    backward (parameters left out; its input left out when the layer before keeps it),
+    and whether it keeps its own output."""
+    saved = _Saved()
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        out = run.forward()
+    params = {p.untyped_storage().data_ptr() for p in run.params}
+    own_input = {t.untyped_storage().data_ptr() for t in _tensors(run.x)}
+    outputs = {t.untyped_storage().data_ptr() for t in _tensors(out)}
+    act = sum(
+        nbytes
+        for ptr, nbytes in saved.storages.items()
+        if ptr not in params and not (ptr in own_input and kept_output)
+    )
+    return out, act, bool(outputs & set(saved.storages))
+
+
+def _backward(out: Any, wrt: list[torch.Tensor]) -> float:
+    """Seconds of one backward of ``out`` into ``wrt``'s ``.grad`` (as the engine accumulates)."""
+    outs = [t for t in _tensors(out) if t.requires_grad]
+    if not outs or not wrt:
+        return 0.0
+    grads = [torch.ones_like(t) for t in outs]
+    start = time.perf_counter()
+    torch.autograd.backward(outs, grads, inputs=wrt)
+    return time.perf_counter() - start
+
+
+def _sweeps(
+    runs: list[_LayerRun], warmup: int, repeats: int
+) -> tuple[list[float], list[float], list[float]]:
+    """Per layer, the median forward, whole backward and input-gradient seconds.
+
+    Each repeat runs every layer's forward in model order, then every backward in
+    reverse order, as a training step does: a layer's weights are not left warm in
+    the cache by a timing of the same layer just before.
+    """
+    count = len(runs)
+    f: list[list[float]] = [[] for _ in range(count)]
+    b: list[list[float]] = [[] for _ in range(count)]
+    i: list[list[float]] = [[] for _ in range(count)]
+    for repeat in range(warmup + repeats):
+        outs = []
+        for k, run in enumerate(runs):
             start = time.perf_counter()
-            torch.autograd.grad(outs, wrt, grads, allow_unused=True)
-            run.elapsed = time.perf_counter() - start  # type: ignore[attr-defined]
-            return None
-
-        return run
-
-
-def _time_backward(run: Callable[[], Any], warmup: int, repeats: int) -> float:
-    """Median of the backward alone (each call runs a forward first, untimed)."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        run.elapsed = 0.0  # type: ignore[attr-defined]
-        run()
-        times.append(run.elapsed)  # type: ignore[attr-defined]
-    return statistics.median(times)
+            outs.append(run.forward())
+            if repeat >= warmup:
+                f[k].append(time.perf_counter() - start)
+        for k in reversed(range(count)):
+            seconds = _backward(outs[k], runs[k].inputs + runs[k].params)
+            if repeat >= warmup:
+                b[k].append(seconds)
+        outs = [run.forward() for run in runs]
+        for k in reversed(range(count)):
+            seconds = _backward(outs[k], runs[k].inputs)
+            if repeat >= warmup:
+                i[k].append(seconds)
+        for run in runs:
+            for tensor in run.inputs:
+                tensor.grad = None
+    return (
+        [statistics.median(t) for t in f],
+        [statistics.median(t) for t in b],
+        [statistics.median(t) for t in i],
+    )
 
 
 def profile(
@@ -245,44 +294,29 @@ def _profile(
     for size in sizes:
         x = _rows(sample_input, size)
         inputs.append(float(_nbytes(x)))
+        runs: list[_LayerRun] = []
         kept_output = True  # the model's input is held by the first stage
         for index, func in enumerate(model.forward_funcs):
             module, _ = modules[index]
             run = _LayerRun(func, module, x)
-            row = measured[index]
-            row["f"].append(_median_time(run.forward, warmup, repeats))
-            saved = _Saved()
-            with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-                out = run.forward()
-            params = {p.untyped_storage().data_ptr() for p in run.params}
-            own_input = {t.untyped_storage().data_ptr() for t in _tensors(run.x)}
-            outputs = {t.untyped_storage().data_ptr() for t in _tensors(out)}
-            act = 0
-            for ptr, nbytes in saved.storages.items():
-                if ptr in params or (ptr in own_input and kept_output):
-                    continue
-                act += nbytes
-            kept_output = bool(outputs & set(saved.storages))
-            row["act"].append(float(act))
-            row["out"].append(float(_nbytes(out)))
-            everything = run.inputs + run.params
-            row["b"].append(_time_backward(run.grad(everything), warmup, repeats))
-            row["i"].append(
-                _time_backward(run.grad(run.inputs), warmup, repeats) if run.inputs else 0.0
-            )
-            if not run.params:  # no weight gradient: the whole backward is the input's
-                row["i"][-1] = row["b"][-1]
-            x = out.detach() if isinstance(out, torch.Tensor) else _detach(out)
-        if loss_fn is not None and sample_labels is not None:
+            out, act, kept_output = _saved_bytes(run, kept_output)
+            measured[index]["act"].append(float(act))
+            measured[index]["out"].append(float(_nbytes(out)))
+            runs.append(run)
+            x = _detach(out)
+        timed_loss = loss_fn is not None and sample_labels is not None
+        if loss_fn is not None and timed_loss:
             labels = _rows(sample_labels, size)
-            head = _detach(x)
-
-            def loss_forward(head: Any = head, labels: Any = labels) -> Any:
-                return loss_fn(head, labels)
-
-            loss_f.append(_median_time(loss_forward, warmup, repeats))
-            loss_run = _LayerRun(functools.partial(_loss_of, loss_fn, labels), None, head)
-            loss_b.append(_time_backward(loss_run.grad(loss_run.inputs), warmup, repeats))
+            runs.append(_LayerRun(functools.partial(_loss_of, loss_fn, labels), None, x))
+        f, b, i = _sweeps(runs, warmup, repeats)
+        for index in range(count):
+            row = measured[index]
+            row["f"].append(f[index])
+            row["b"].append(b[index])
+            row["i"].append(b[index] if not runs[index].params else i[index])
+        if timed_loss:
+            loss_f.append(f[-1])
+            loss_b.append(b[-1])
 
     result = []
     for index in range(count):
@@ -325,7 +359,8 @@ def _loss_of(loss_fn: Callable[[Any, Any], torch.Tensor], labels: Any, head: Any
 
 
 def _optimizer_seconds_per_byte(model: nn.Module, name: str, warmup: int, repeats: int) -> float:
-    """One optimizer step over every parameter (gradients set), per parameter byte."""
+    """One optimizer step over every parameter, with the engine's non-finite check (a norm
+    over the gradients), per parameter byte."""
     params = [p for p in model.parameters() if p.requires_grad]
     total = sum(p.numel() * p.element_size() for p in params)
     if not total:
@@ -340,9 +375,12 @@ def _optimizer_seconds_per_byte(model: nn.Module, name: str, warmup: int, repeat
     else:
         opt = torch.optim.AdamW(params, lr=1e-4)
 
+    grads = [p.grad for p in params if p.grad is not None]
+
     def step() -> None:
+        # the engine's non-finite check of an fp32 step: one norm over the gradients
+        torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
         opt.step()
-        opt.zero_grad(set_to_none=False)
 
     return _median_time(step, warmup, repeats) / total
 
