@@ -3,15 +3,21 @@
 * :func:`measure_link`: two processes over gloo (loopback here) send tensors of
   several sizes back and forth; half a round trip is fitted as
   ``latency + bytes / bandwidth``.
-* :func:`measure_engine`: one process runs the real engine (one stage, 1F1B) on a
-  model whose layer costs almost nothing (``Linear(1, 1)`` twice), at two
-  micro-batch counts; the difference per micro-batch, halved, is the engine's work
-  per compute pass (a forward, a backward), and what is left at zero micro-batches
-  its work per step;
-* :func:`measure_link` also times a 2-process all-reduce, and a small computation
+* :func:`measure_engine`: the real engine (1F1B) on a model whose layers cost
+  almost nothing (``Linear(1, 1)`` twice), at two micro-batch counts: in one
+  process, the difference per micro-batch, halved, is the engine's work per
+  compute pass (a forward, a backward), and what is left at zero micro-batches
+  its work per step; on two data-parallel processes, what the step's collectives
+  add per step; on two pipeline stages, what one transfer costs through the engine;
+* :func:`measure_link` also times a 2-process gradient reduction as the engine runs
+  it (flatten, all-reduce, average, copy back), and a small computation (half
+  matmuls that fit the caches, half a product streaming 16 MiB of weights)
   alone and while the other process runs it too: on a CPU the "devices" share
   cores' caches and memory bus, and the ratio (``concurrency``) scales the
-  profiled pass times of candidates that keep several devices busy. These are constants fitted on this machine, not per model:
+  profiled pass times of candidates that keep several devices busy;
+* :func:`measure_concurrency`: the same ratio for a model's own layers (two
+  processes running its forward and backward, alone and at once), which replaces
+  the generic one for that model. These are constants fitted on this machine, not per model:
   :class:`~stagewise.plan.costs.EngineCosts` records them with the model's costs.
 
 Both run at one torch thread per process, as the pipeline does here.
@@ -27,7 +33,7 @@ from typing import Any
 
 from stagewise.plan.costs import EngineCosts, Linear
 
-__all__ = ["measure_engine", "measure_link"]
+__all__ = ["measure_concurrency", "measure_engine", "measure_link"]
 
 _LINK_SIZES = (8, 1 << 16, 1 << 20, 1 << 22)
 _REDUCE_SIZES = (1 << 20, 1 << 24)
@@ -70,12 +76,20 @@ def _link_worker(rank: int, port: int, repeats: int, out: Any) -> None:
                 times.append((time.perf_counter() - start) / 2)
         result.append(statistics.median(times))
     for size in _REDUCE_SIZES:
-        buf = torch.ones(size // 4)
+        grads = [torch.ones(size // 16) for _ in range(4)]
         times = []
         for index in range(max(3, repeats // 4) + 1):
             dist.barrier()
             start = time.perf_counter()
-            dist.all_reduce(buf)
+            # as the engine reduces data-parallel gradients: flatten, all-reduce, average,
+            # copy back
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= 2
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
             if index:
                 times.append(time.perf_counter() - start)
         result.append(statistics.median(times))
@@ -102,28 +116,33 @@ def _busy_loop(repeats: int) -> float:
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(512, 512, generator=gen, requires_grad=True)
     x = torch.randn(64, 512, generator=gen)
+    big = torch.randn(2048, 2048, generator=gen, requires_grad=True)  # 16 MiB: past the caches
+    rows = torch.randn(8, 2048, generator=gen)
     times = []
     for _ in range(max(1, repeats // 4)):
         start = time.perf_counter()
         for _ in range(4):
-            (torch.relu(x @ weight) @ weight).sum().backward()
+            (torch.relu(x @ weight) @ weight).sum().backward()  # bound by arithmetic
+            (rows @ big).sum().backward()  # bound by memory bandwidth
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def _engine_worker(port: int, counts: tuple[int, int], steps: int, out: Any) -> None:
+def _engine_worker(
+    rank: int, world: int, stages: int, port: int, counts: tuple[int, int], steps: int, out: Any
+) -> None:
     import torch
     from torch import nn
 
     import stagewise
     from stagewise.spec import LayerSpec
 
-    dist = _join(0, 1, port)
+    dist = _join(rank, world, port)
     times = []
     for count in counts:
         model = stagewise.PipelineModule(
             layers=[LayerSpec(nn.Linear, 1, 1), LayerSpec(nn.Linear, 1, 1)],
-            num_stages=1,
+            num_stages=stages,
             loss_fn=lambda a, b: ((a - b) ** 2).mean(),
         )
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
@@ -148,11 +167,18 @@ def _engine_worker(port: int, counts: tuple[int, int], steps: int, out: Any) -> 
             engine.train_batch(it)
         samples = []
         for _ in range(steps):
+            dist.barrier()
             start = time.perf_counter()
             engine.train_batch(it)
             samples.append(time.perf_counter() - start)
-        times.append(statistics.median(samples))
-    out.send(times)
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, samples)  # a step is the slowest rank's
+        times.append(
+            statistics.median(map(max, *gathered)) if world > 1 else statistics.median(samples)
+        )
+    if rank == 0:
+        out.send(times)
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -182,7 +208,8 @@ def measure_link(repeats: int = 20, timeout_s: float = 120.0) -> dict[str, float
     """Two processes over gloo on this machine: the link and how they share the cores.
 
     Returns ``latency`` (s per message), ``bandwidth`` (bytes/s, point to point),
-    ``reduce_bandwidth`` (bytes of buffer per second of a 2-process all-reduce) and
+    ``reduce_bandwidth`` (gradient bytes per second of a 2-process data-parallel
+    reduction as the engine runs it: flatten, all-reduce, average, copy back) and
     ``concurrency`` (how much slower a computation runs while the other process
     computes too, >= 1).
     """
@@ -199,15 +226,102 @@ def measure_link(repeats: int = 20, timeout_s: float = 120.0) -> dict[str, float
     }
 
 
+def _engine_line(
+    world: int, stages: int, counts: tuple[int, int], steps: int, timeout_s: float
+) -> tuple[float, float]:
+    """``(seconds per micro-batch, seconds per step at none)`` of the tiny model's steps."""
+    port = _free_port()
+    args = [(rank, world, stages, port, counts, steps) for rank in range(world)]
+    t_low, t_high = _spawn(_engine_worker, args, timeout_s)
+    low, high = counts
+    per_micro_batch = max(0.0, (t_high - t_low) / (high - low))
+    return per_micro_batch, max(0.0, t_low - low * per_micro_batch)
+
+
 def measure_engine(
     counts: tuple[int, int] = (4, 32),
     steps: int = 15,
     link: dict[str, float] | None = None,
     timeout_s: float = 180.0,
 ) -> EngineCosts:
-    """The engine's work per pass and per step (see the module doc), and the link's costs."""
-    low, high = counts
-    t_low, t_high = _spawn(_engine_worker, [(_free_port(), counts, steps)], timeout_s)
-    per_micro_batch = max(0.0, (t_high - t_low) / (high - low))
-    per_step = max(0.0, t_low - low * per_micro_batch)
-    return EngineCosts(per_pass=per_micro_batch / 2, per_step=per_step, **(link or measure_link()))
+    """The engine's own costs (see the module doc), and the link's.
+
+    Three runs of the tiny model, each at two micro-batch counts: one process (the
+    work per pass and per step), two data-parallel processes (what a step's
+    collectives add: ``per_step_data_parallel``), and two pipeline stages under 1F1B,
+    where a micro-batch's critical path is one round trip between the stages: half
+    its extra time per micro-batch is what one transfer costs through the engine
+    (``latency``, in place of the bare link's).
+    """
+    one_mb, one_step = _engine_line(1, 1, counts, steps, timeout_s)
+    _, dp_step = _engine_line(2, 1, counts, steps, timeout_s)
+    pp_mb, _ = _engine_line(2, 2, counts, steps, timeout_s)
+    costs = dict(link or measure_link())
+    costs["latency"] = max(costs["latency"], (pp_mb - one_mb) / 2)
+    return EngineCosts(
+        per_pass=one_mb / 2,
+        per_step=one_step,
+        per_step_data_parallel=max(0.0, dp_step - one_step),
+        **costs,
+    )
+
+
+def _concurrency_worker(
+    rank: int, layers: Any, batch: Any, loss_fn: Any, repeats: int, barrier: Any, out: Any
+) -> None:
+    import torch
+
+    from stagewise.models.reference import build_reference
+
+    torch.set_num_threads(1)
+    model = build_reference(layers, base_seed=1234, seed_layers=True)
+    inputs, labels = batch
+
+    def step() -> float:
+        start = time.perf_counter()
+        output = model(inputs)
+        loss = loss_fn(output, labels) if loss_fn is not None else output.float().sum()
+        loss.backward()
+        return time.perf_counter() - start
+
+    for _ in range(3):
+        step()
+    alone: list[float] = []
+    both: list[float] = []
+    for _ in range(3):
+        barrier.wait()
+        if rank == 0:  # alone: the other process waits on the barrier (a blocking wait)
+            alone += [step() for _ in range(repeats)]
+        barrier.wait()
+        both += [step() for _ in range(repeats)]
+        barrier.wait()
+    if rank == 0:
+        out.send(statistics.median(both) / statistics.median(alone))
+
+
+def measure_concurrency(
+    layers: Any,
+    sample_input: Any,
+    sample_labels: Any = None,
+    loss_fn: Any = None,
+    repeats: int = 5,
+    timeout_s: float = 300.0,
+) -> float:
+    """How much slower this model's forward and backward run while another process runs
+    them too (>= 1): two processes, each the whole model on one micro-batch, alone and
+    at once, three times in turn.
+
+    On a CPU the "devices" share caches, memory bandwidth and whatever else the host
+    shares; the ratio scales the profiled pass times of candidates that keep both
+    devices busy (``EngineCosts.concurrency``). ``layers``, the tensors and
+    ``loss_fn`` must pickle (they are sent to the spawned processes).
+    """
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    batch = (sample_input, sample_labels)
+    ratio = _spawn(
+        _concurrency_worker,
+        [(rank, layers, batch, loss_fn, repeats, barrier) for rank in (0, 1)],
+        timeout_s,
+    )
+    return max(1.0, float(ratio))

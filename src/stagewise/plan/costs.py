@@ -130,7 +130,10 @@ class EngineCosts:
             layers cost almost nothing.
         per_step: seconds per step that do not depend on the micro-batches (the
             loss all-reduce, the end-of-batch synchronisation).
-        latency: seconds per message between two devices.
+        per_step_data_parallel: seconds a step's collectives add when the pipeline is
+            replicated (the loss, the reports and the reduction's own synchronisation,
+            as the engine runs them), beyond the reduction's bytes.
+        latency: seconds per message between two devices (through the engine).
         bandwidth: bytes per second between two devices.
         reduce_bandwidth: bytes of buffer per second of an all-reduce over two devices.
         concurrency: how much slower the profiled passes run while every device
@@ -139,6 +142,7 @@ class EngineCosts:
 
     per_pass: float = 0.0
     per_step: float = 0.0
+    per_step_data_parallel: float = 0.0
     latency: float = 0.0
     bandwidth: float = 1e9
     reduce_bandwidth: float = 1e9
@@ -238,6 +242,7 @@ class ModelCosts:
         engine = EngineCosts(
             per_pass=self.engine.per_pass * f,
             per_step=self.engine.per_step * f,
+            per_step_data_parallel=self.engine.per_step_data_parallel,
             latency=self.engine.latency if latency is None else latency,
             bandwidth=self.engine.bandwidth if bandwidth is None else bandwidth,
             reduce_bandwidth=self.engine.reduce_bandwidth if bandwidth is None else bandwidth,

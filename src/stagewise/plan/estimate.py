@@ -21,7 +21,7 @@ The model of a step, every term from :class:`~stagewise.plan.costs.ModelCosts`:
   between the stages holding them), its data-parallel gradients (an all-reduce
   of its gradient bytes, at the measured all-reduce bandwidth) and runs the optimizer
   step (seconds per parameter byte): the step ends when the last stage is done,
-  plus ``engine.per_step``;
+  plus ``engine.per_step`` (and ``engine.per_step_data_parallel`` when replicated);
 * a stage's peak memory: parameters, their gradients and the optimizer's state
   (each tied module once per stage), plus the simulated peak activation bytes
   (each chunk holds its input and the bytes its layers save; checkpointing keeps
@@ -142,7 +142,7 @@ def estimate(
             after += params[stage] / engine.reduce_bandwidth + 2 * (dp - 1) * engine.latency
         after += tied[stage]
         ends.append(finish[stage] + after)
-    step = max(ends) + engine.per_step
+    step = max(ends) + engine.per_step + (engine.per_step_data_parallel if dp > 1 else 0.0)
     state = 2.0 + costs.optimizer_state_factor  # parameters, gradients, optimizer state
     peaks = sim.peak_activation_bytes or [0.0] * candidate.stages
     memory = [state * params[s] + peaks[s] for s in range(candidate.stages)]
