@@ -9,6 +9,7 @@ __all__ = [
     "NonFiniteError",
     "PeerError",
     "PipelineError",
+    "PlanError",
 ]
 
 
@@ -18,6 +19,13 @@ class PipelineError(RuntimeError):
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or inconsistent."""
+
+
+class PlanError(ValueError):
+    """The planner cannot plan: a budget nothing fits, costs of another model, no devices.
+
+    The message names the values and what to change.
+    """
 
 
 class PeerError(PipelineError):

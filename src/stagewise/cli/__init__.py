@@ -5,6 +5,8 @@ Subcommands:
 * ``stagewise demo``: train the embedded GPT over pipeline stages on CPU;
 * ``stagewise simulate --schedule NAME --stages S --micro-batches M``: a schedule's
   simulated timeline (makespan, bubble, peak activations; ``--png`` draws it);
+* ``stagewise plan --costs FILE --devices N --global-batch B``: stages, micro-batches,
+  schedule and checkpointing chosen from a model's measured costs;
 * ``stagewise export CKPT OUT``: one consolidated state dict from a checkpoint;
   ``stagewise export --hf CKPT OUT_DIR``: a Hugging Face ``from_pretrained`` directory.
 """
@@ -16,10 +18,11 @@ from collections.abc import Callable
 
 __all__ = ["main"]
 
-USAGE = """usage: stagewise {demo,simulate,export} [options]
+USAGE = """usage: stagewise {demo,simulate,plan,export} [options]
 
   demo       train a GPT over pipeline stages on CPU (spawns its own processes)
   simulate   the simulated timeline of a schedule
+  plan       the best stages, micro-batches, schedule and checkpointing for a model
   export     a checkpoint as one consolidated state dict (or the reverse, --split;
              --hf: a Hugging Face from_pretrained directory)
 
@@ -38,6 +41,12 @@ def _simulate(argv: list[str]) -> int:
     return simulate_main(argv)
 
 
+def _plan(argv: list[str]) -> int:
+    from stagewise.cli.plan import plan_main
+
+    return plan_main(argv)
+
+
 def _export(argv: list[str]) -> int:
     if "--hf" in argv:  # a Hugging Face directory (stagewise[hf])
         from stagewise.hf.export import export_hf_main
@@ -51,6 +60,7 @@ def _export(argv: list[str]) -> int:
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "demo": _demo,
     "simulate": _simulate,
+    "plan": _plan,
     "export": _export,
 }
 
