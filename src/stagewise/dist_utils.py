@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["default_device", "require_dist"]
+__all__ = ["default_device", "free_port", "require_dist"]
 
 
 def require_dist(what: str) -> None:
@@ -26,3 +27,10 @@ def default_device() -> torch.device:
         index = int(local) if local is not None else dist.get_rank() % torch.cuda.device_count()
         return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a single-machine rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

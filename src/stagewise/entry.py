@@ -6,7 +6,6 @@ import argparse
 import datetime
 import logging
 import os
-import socket
 from typing import Any
 
 import torch
@@ -14,6 +13,7 @@ import torch.distributed as dist
 
 from stagewise import teardown
 from stagewise.config import Config
+from stagewise.dist_utils import free_port
 from stagewise.engine import PipelineEngine
 from stagewise.engine.resilience import resume_if_configured
 from stagewise.module import PipelineModule
@@ -22,12 +22,6 @@ from stagewise.rendezvous import incarnation_store
 __all__ = ["add_config_arguments", "init_distributed", "initialize"]
 
 logger = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def init_distributed(
@@ -97,7 +91,7 @@ def init_distributed(
     if rank >= 0 and world_size > 0:
         pass
     elif init_method is None and not launched:
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        init_method = f"tcp://127.0.0.1:{free_port()}"
         rank, world_size = 0, 1
     else:
         rank, world_size = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))

@@ -26,23 +26,17 @@ Both run at one torch thread per process, as the pipeline does here.
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
 import statistics
 import time
 from typing import Any
 
+from stagewise.dist_utils import free_port
 from stagewise.plan.costs import EngineCosts, Linear
 
 __all__ = ["measure_concurrency", "measure_engine", "measure_link"]
 
 _LINK_SIZES = (8, 1 << 16, 1 << 20, 1 << 22)
 _REDUCE_SIZES = (1 << 20, 1 << 24)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _join(rank: int, world: int, port: int) -> Any:
@@ -213,7 +207,7 @@ def measure_link(repeats: int = 20, timeout_s: float = 120.0) -> dict[str, float
     ``concurrency`` (how much slower a computation runs while the other process
     computes too, >= 1).
     """
-    port = _free_port()
+    port = free_port()
     times = _spawn(_link_worker, [(0, port, repeats), (1, port, repeats)], timeout_s)
     count = len(_LINK_SIZES)
     line = Linear.fit(list(_LINK_SIZES), times[:count])
@@ -230,7 +224,7 @@ def _engine_line(
     world: int, stages: int, counts: tuple[int, int], steps: int, timeout_s: float
 ) -> tuple[float, float]:
     """``(seconds per micro-batch, seconds per step at none)`` of the tiny model's steps."""
-    port = _free_port()
+    port = free_port()
     args = [(rank, world, stages, port, counts, steps) for rank in range(world)]
     t_low, t_high = _spawn(_engine_worker, args, timeout_s)
     low, high = counts
